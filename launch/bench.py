@@ -1,0 +1,285 @@
+"""Benchmarks. Subcommands:
+
+    dense   RankMixer dense arch vs a DLRM-style MLP of equal parameter count: training samples/s,
+            achieved FLOP/s and MFU against a GEMM peak measured in the same run.
+
+Example:
+    python launch/bench.py dense --preset rankmixer_small --batch-size 512 --steps 20 --device cpu
+
+Imports torch (+ yaml to read a preset) only, never torchrec, so it runs on any GPU box with torch.
+Training FLOPs = 3 x forward FLOPs (backward = 2 x forward: grads w.r.t. inputs and weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# allow `python launch/bench.py` from the repo root: the script dir, not the root, is on sys.path
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
+from torch import nn  # noqa: E402
+
+from models.rankmixer import RankMixer, RankMixerConfig  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_gemm_peak(device: torch.device, dtype: torch.dtype, n: int, iters: int) -> float:
+    """Achieved FLOP/s of a square n x n x n matmul, best of `iters` after warm-up: the machine's
+    practical GEMM peak that MFU is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b)
+    synchronize(device)
+    best = math.inf
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def gemm_probe(device: torch.device, dtype: torch.dtype, n: int):
+    """A callable timing one n^3 GEMM, returning its FLOP/s. Interleaved with the training steps, so a
+    model step and the peak it is divided by see the same load on a shared machine."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def probe() -> float:
+        synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        return 2.0 * n**3 / (time.perf_counter() - t0)
+
+    return probe
+
+
+def load_preset(name: str) -> dict:
+    path = Path(name) if name.endswith(".yaml") else REPO_ROOT / "conf" / "model" / f"{name}.yaml"
+    fields = yaml.safe_load(path.read_text())
+    if fields.pop("arch", None) != "rankmixer":
+        raise ValueError(f"{path} is not a rankmixer preset")
+    return fields
+
+
+class MLPBaseline(nn.Module):
+    """DLRM-style top MLP over the concatenated tokenizer input: W -> h -> ... -> h -> num_tasks, ReLU."""
+
+    def __init__(self, in_dim: int, hidden: int, num_hidden: int, num_tasks: int) -> None:
+        super().__init__()
+        widths = [in_dim] + [hidden] * num_hidden
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers.append(nn.Linear(widths[-1], num_tasks))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, groups: list[torch.Tensor]) -> torch.Tensor:
+        return self.mlp(torch.cat(groups, dim=-1))  # (B, W) -> (B, num_tasks)
+
+    def flops_per_sample(self) -> float:
+        return float(sum(2 * m.in_features * m.out_features for m in self.mlp if isinstance(m, nn.Linear)))
+
+    @staticmethod
+    def hidden_for_params(in_dim: int, num_hidden: int, num_tasks: int, target: int) -> int:
+        # params = (in_dim + 1) h + (num_hidden - 1)(h^2 + h) + (h + 1) num_tasks; solve for h
+        a = num_hidden - 1
+        b = in_dim + 1 + (num_hidden - 1) + num_tasks
+        c = num_tasks - target
+        h = (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a) if a else -c / b
+        return max(1, round(h))
+
+
+def time_training(
+    model: nn.Module,
+    groups: list[torch.Tensor],
+    labels: torch.Tensor,
+    steps: int,
+    warmup: int,
+    dtype: torch.dtype,
+    probe,
+    profile_path: str | None = None,
+) -> list[tuple[float, float]]:
+    """(seconds, GEMM peak FLOP/s right after) for each timed training step (forward + backward +
+    RMSProp step)."""
+    device = labels.device
+    # the paper's dense optimizer (4.1); foreach = one multi-tensor kernel per op instead of one per param
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=0.01, foreach=True)
+    use_autocast = dtype != torch.float32
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
+            logits = model(groups)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append((time.perf_counter() - t0, probe()))
+    if profile_path:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+            for _ in range(3):
+                step()
+            synchronize(device)
+        Path(profile_path).parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(profile_path)
+        sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=12))
+        print(f"profiler trace written to {profile_path}")
+    return times
+
+
+def cmd_dense(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    peak_n = args.peak_size or (8192 if device.type == "cuda" else 2048)
+    peaks = {"fp32": measure_gemm_peak(device, torch.float32, peak_n, args.peak_iters)}
+    if device.type == "cuda" or dtype != torch.float32:
+        peaks["bf16"] = measure_gemm_peak(device, torch.bfloat16, peak_n, args.peak_iters)
+
+    fields = load_preset(args.preset)
+    group_dims = [args.group_width] * (args.input_width // args.group_width)
+    cfg = RankMixerConfig(group_dims=group_dims, num_tasks=args.num_tasks, **fields)
+    groups = [torch.randn(args.batch_size, d, device=device) for d in group_dims]
+    labels = torch.randint(0, 2, (args.batch_size, cfg.num_tasks), device=device).float()
+
+    rankmixer = RankMixer(cfg).to(device)
+    hidden = MLPBaseline.hidden_for_params(
+        cfg.input_width, args.mlp_layers, cfg.num_tasks, rankmixer.num_params()
+    )
+    mlp = MLPBaseline(cfg.input_width, hidden, args.mlp_layers, cfg.num_tasks).to(device)
+
+    rows = []
+    for name, model, flops in (
+        (args.preset, rankmixer, rankmixer.flops_per_sample()),
+        (f"mlp_{args.mlp_layers}x{hidden}", mlp, mlp.flops_per_sample()),
+    ):
+        profile_path = None
+        if args.profile and model is rankmixer:
+            profile_path = args.profile
+        probe = gemm_probe(device, dtype, peak_n)
+        timed = time_training(model, groups, labels, args.steps, args.warmup, dtype, probe, profile_path)
+        train_flops = 3.0 * flops * args.batch_size
+        sec = statistics.median(t for t, _ in timed)
+        # MFU per step against the GEMM timed right after it, then the median: robust to other load
+        mfu = statistics.median(train_flops / t / peak_now for t, peak_now in timed)
+        rows.append(
+            {
+                "model": name,
+                "params": sum(p.numel() for p in model.parameters()),
+                "batch_size": args.batch_size,
+                "step_s": sec,
+                "samples_per_s": args.batch_size / sec,
+                "train_gflop_per_step": train_flops / 1e9,
+                "achieved_gflop_s": train_flops / sec / 1e9,
+                "mfu": mfu,
+                "interleaved_peak_gflop_s": statistics.median(p for _, p in timed) / 1e9,
+            }
+        )
+    result = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "gemm_peak_gflop_s": {k: v / 1e9 for k, v in peaks.items()},
+        "gemm_peak_size": peak_n,
+        "input_width": cfg.input_width,
+        "config": {k: v for k, v in vars(cfg).items() if k != "group_dims"},
+        "rows": rows,
+    }
+    peak_text = ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in result["gemm_peak_gflop_s"].items())
+    print(
+        f"device={result['device']} threads={result['threads']} dtype={args.dtype} "
+        f"GEMM peak {peak_n}^3: {peak_text}"
+    )
+    header = ("model", "params", "batch", "samples/s", "GFLOP/s", "MFU", "peak GFLOP/s")
+    print(f"{header[0]:<24}" + "".join(f"{h:>13}" for h in header[1:]))
+    for r in rows:
+        cells = (
+            f"{r['params']:,}",
+            r["batch_size"],
+            f"{r['samples_per_s']:.1f}",
+            f"{r['achieved_gflop_s']:.1f}",
+            f"{r['mfu']:.1%}",
+            f"{r['interleaved_peak_gflop_s']:.1f}",
+        )
+        print(f"{r['model']:<24}" + "".join(f"{c:>13}" for c in cells))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dense = sub.add_parser("dense", help="RankMixer dense arch vs equal-params MLP: samples/s, MFU")
+    dense.add_argument("--preset", default="rankmixer_small", help="conf/model/<preset>.yaml or a path")
+    dense.add_argument("--batch-size", type=int, default=512)
+    dense.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    dense.add_argument("--warmup", type=int, default=3)
+    dense.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    dense.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16 = autocast")
+    dense.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    dense.add_argument("--input-width", type=int, default=4096, help="tokenizer input width W")
+    dense.add_argument("--group-width", type=int, default=256, help="width of each semantic group")
+    dense.add_argument("--num-tasks", type=int, default=2)
+    dense.add_argument("--mlp-layers", type=int, default=3, help="hidden layers of the MLP baseline")
+    dense.add_argument("--peak-size", type=int, default=0, help="GEMM size for the peak (0 = auto)")
+    dense.add_argument("--peak-iters", type=int, default=5)
+    dense.add_argument(
+        "--profile",
+        nargs="?",
+        const="runs/bench_dense_trace.json",
+        default=None,
+        help="write a torch profiler chrome trace (default path runs/bench_dense_trace.json)",
+    )
+    dense.add_argument("--json", default=None, help="write the figures to this JSON file")
+    dense.set_defaults(func=cmd_dense)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

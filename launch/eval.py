@@ -1,0 +1,26 @@
+"""Eval entry point: `torchrun --nproc_per_node N launch/eval.py checkpoint=<dir> [data.split=test]`."""
+
+from __future__ import annotations
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from launch.cli import exit_on_user_error
+from launch.report import print_report
+from pipeline.config import EvalConfig
+from pipeline.eval_job import run_eval
+
+ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="eval")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    config: EvalConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    result = run_eval(config)
+    print_report(result, config.data.root, title=f"eval of {result['checkpoint']} on {config.data.split}")
+
+
+if __name__ == "__main__":
+    main()

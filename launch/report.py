@@ -1,0 +1,48 @@
+"""Human-readable end-of-job report: AUC / UAUC per task next to the dataset's oracle (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def oracle_metrics(data_root: str, split: str) -> dict[str, dict[str, float]]:
+    """{task: {"auc", "uauc"}} of the true probabilities, from the generator's dataset.json (if any)."""
+    path = Path(data_root) / "dataset.json"
+    if not path.is_file():
+        return {}
+    info = json.loads(path.read_text())
+    return info.get("splits", {}).get(split, {}).get("oracle", {})
+
+
+def print_report(summary: dict[str, Any], data_root: str, title: str | None = None) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    metrics, split = summary["test"], summary.get("split", "test")
+    tasks = sorted({k.split("/")[0] for k in metrics if "/" in k})
+    oracle = oracle_metrics(data_root, split)
+    print(f"\n== {title or 'test metrics'} (split {split!r}, {int(metrics.get('rows', 0))} rows)")
+    header = f"{'task':<10}{'AUC':>8}{'oracle':>8}{'gap':>8}{'UAUC':>8}{'oracle':>8}{'gap':>8}{'UAUC-w':>8}"
+    print(header)
+    for t in tasks:
+        auc, uauc = metrics[f"{t}/auc"], metrics[f"{t}/uauc"]
+        o = oracle.get(t, {})
+        oa, ou = o.get("auc", float("nan")), o.get("uauc", float("nan"))
+        print(
+            f"{t:<10}{auc:>8.4f}{oa:>8.4f}{auc - oa:>8.4f}{uauc:>8.4f}{ou:>8.4f}{uauc - ou:>8.4f}"
+            f"{metrics[f'{t}/uauc_weighted']:>8.4f}"
+        )
+    extra = []
+    if summary.get("train_samples_per_s"):
+        extra.append(
+            f"train {summary['train_samples_per_s']:.0f} samples/s over {summary['world_size']} ranks, "
+            f"{summary['train_seconds']:.0f} s, {summary['steps']} steps"
+        )
+    if summary.get("run_dir"):
+        extra.append(
+            f"outputs: {summary['run_dir']} (metrics.json, metrics.jsonl, tensorboard/, checkpoints/)"
+        )
+    for line in extra:
+        print(line)

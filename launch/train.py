@@ -1,0 +1,30 @@
+"""Training entry point: `torchrun --nproc_per_node N launch/train.py [hydra overrides]`.
+
+Thin on purpose: Hydra composes and type-checks the config, `pipeline.train_loop.train` does the work.
+"""
+
+from __future__ import annotations
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from launch.cli import exit_on_user_error
+from launch.report import print_report
+from pipeline.config import TrainConfig
+from pipeline.train_loop import train
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    config: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    summary = train(config)
+    if "test" in summary:
+        print_report(summary, config.data.root)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""RankingModel: sparse arch -> semantic feature groups -> dense arch -> one logit per task.
+
+Design choices:
+- `FeatureGroups` turns the sparse arch's pooled embeddings and the dense float features into the ordered
+  list of semantic-group vectors the tokenizer expects (paper s3.2, DESIGN s2): each group is the
+  concatenation of its features' embeddings, plus (if the group has dense features) a linear projection of
+  its dense features. One gather puts every group's embedding columns side by side, then one split.
+- Dense float features go through a signed log (sign(x) * log1p(|x|)) before their projection, because
+  recsys counts and durations are heavy-tailed and a plain linear layer on them trains badly.
+- The dense arch is any module mapping `list[(B, d_g)] -> (B, num_tasks)`; `build_dense_arch` picks it from
+  the model config's `arch` key, so baselines run through the same pipeline.
+- `RankingTrainWrapper` is the contract of TorchRec's `TrainPipelineSparseDist`: `forward(batch)` returns
+  `(loss, output)` and never modifies the batch (a module that mutates its inputs is silently not
+  pipelined). loss = sum over tasks of the mean BCE over valid rows (DESIGN s1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from data.batch import RecBatch
+from data.schema import Schema
+from models.rankmixer import RankMixer, RankMixerConfig
+from models.sparse_arch import SparseArch, embedding_bag_configs
+
+# arch name -> (config dataclass, module class). Plain dict, filled here: no import-time registration.
+DENSE_ARCHS: dict[str, tuple[type, type[nn.Module]]] = {
+    "rankmixer": (RankMixerConfig, RankMixer),
+}
+
+
+def dense_arch_config(model_cfg: Mapping[str, Any], group_dims: list[int], num_tasks: int) -> Any:
+    """The typed config of the dense arch named by `model_cfg["arch"]`, with the schema-derived fields set."""
+    params = dict(model_cfg)
+    arch = params.pop("arch", "rankmixer")
+    if arch not in DENSE_ARCHS:
+        raise ValueError(f"model.arch: unknown arch {arch!r} (known: {', '.join(sorted(DENSE_ARCHS))})")
+    config_cls, _ = DENSE_ARCHS[arch]
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"model: unknown key(s) {unknown} for arch {arch!r} (known: {sorted(known)})")
+    return config_cls(**{**params, "group_dims": list(group_dims), "num_tasks": num_tasks})
+
+
+def build_dense_arch(model_cfg: Mapping[str, Any], group_dims: list[int], num_tasks: int) -> nn.Module:
+    arch = model_cfg.get("arch", "rankmixer")
+    _, module_cls = DENSE_ARCHS[arch]
+    return module_cls(dense_arch_config(model_cfg, group_dims, num_tasks))
+
+
+def signed_log(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(torch.abs(x))
+
+
+class FeatureGroups(nn.Module):
+    """Pooled embeddings (KeyedTensor) + dense features (B, Nd) -> [ (B, d_g) for g in schema.groups ]."""
+
+    def __init__(self, schema: Schema, dense_proj_dim: int) -> None:
+        super().__init__()
+        self.groups = list(schema.groups)
+        # Embedding columns in the order the EmbeddingBagCollection emits them (tables in config order,
+        # features in table order); TorchRec keeps this order for the sharded module's output too.
+        self.emb_keys: list[str] = []
+        key_dims: dict[str, int] = {}
+        for cfg in embedding_bag_configs(schema):
+            for name in cfg.feature_names:
+                self.emb_keys.append(name)
+                key_dims[name] = cfg.embedding_dim
+        offsets, start = {}, 0
+        for name in self.emb_keys:
+            offsets[name] = (start, start + key_dims[name])
+            start += key_dims[name]
+
+        # One gather index puts each group's embedding columns contiguously, in group order.
+        perm: list[int] = []
+        self.emb_widths: list[int] = []
+        for g in self.groups:
+            cols = [c for name in self.emb_keys if schema.group_of(name) == g for c in range(*offsets[name])]
+            perm.extend(cols)
+            self.emb_widths.append(len(cols))
+        self.register_buffer("emb_perm", torch.tensor(perm, dtype=torch.long), persistent=False)
+
+        dense_groups = list(schema.dense_groups)
+        self.dense_index: dict[str, list[int]] = {
+            g: [i for i, dg in enumerate(dense_groups) if dg == g] for g in self.groups
+        }
+        self.dense_proj = nn.ModuleDict(
+            {g: nn.Linear(len(idx), dense_proj_dim) for g, idx in self.dense_index.items() if idx}
+        )
+        for g, idx in self.dense_index.items():
+            if idx:
+                self.register_buffer(f"dense_idx_{g}", torch.tensor(idx, dtype=torch.long), persistent=False)
+        self.group_dims = [
+            w + (dense_proj_dim if self.dense_index[g] else 0) for g, w in zip(self.groups, self.emb_widths)
+        ]
+        empty = [g for g, d in zip(self.groups, self.group_dims) if d == 0]
+        if empty:
+            raise ValueError(f"schema.groups: group(s) {empty} have no sparse or dense feature")
+
+    def forward(self, embeddings: KeyedTensor, dense: torch.Tensor) -> list[torch.Tensor]:
+        emb = embeddings.values().index_select(1, self.emb_perm)  # (B, sum of embedding dims)
+        parts = torch.split(emb, self.emb_widths, dim=1)  # per group (B, w_g)
+        dense = signed_log(dense)  # (B, Nd)
+        out = []
+        for g, part in zip(self.groups, parts):
+            if g in self.dense_proj:
+                proj = self.dense_proj[g](dense.index_select(1, getattr(self, f"dense_idx_{g}")))
+                part = torch.cat([part, proj], dim=1) if part.shape[1] else proj  # (B, d_g)
+            out.append(part)
+        return out
+
+
+class RankingModel(nn.Module):
+    """sparse arch (TorchRec) -> feature groups -> dense arch -> logits (B, num_tasks)."""
+
+    def __init__(
+        self,
+        schema: Schema,
+        model_cfg: Mapping[str, Any],
+        dense_proj_dim: int = 16,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.sparse_arch = SparseArch(schema, device=device)
+        self.feature_groups = FeatureGroups(schema, dense_proj_dim)
+        self.dense_arch = build_dense_arch(model_cfg, self.feature_groups.group_dims, len(schema.labels))
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        embeddings = self.sparse_arch(sparse)
+        groups = self.feature_groups(embeddings, dense)
+        return self.dense_arch(groups)  # (B, num_tasks)
+
+
+class RankingOutput(NamedTuple):
+    task_losses: torch.Tensor  # (num_tasks,) detached mean BCE per task
+    logits: torch.Tensor  # (B, num_tasks) detached
+    labels: torch.Tensor  # (B, num_tasks)
+    user_id: torch.Tensor  # (B,)
+    mask: torch.Tensor  # (B,) bool
+
+
+class RankingTrainWrapper(nn.Module):
+    """`forward(batch) -> (loss, RankingOutput)`, the contract of `TrainPipelineSparseDist`."""
+
+    def __init__(
+        self, model: RankingModel, autocast_dtype: torch.dtype | None = None, device_type: str = "cpu"
+    ) -> None:
+        super().__init__()
+        self.model = model
+        # bf16 autocast is for GPUs: on CPU bf16 matmul is orders of magnitude slower than fp32. Decided
+        # here, not from the batch: TrainPipelineSparseDist fx-traces this forward, so it must be static.
+        self.autocast_dtype = autocast_dtype
+        self.device_type = device_type
+
+    def forward(self, batch: RecBatch) -> tuple[torch.Tensor, RankingOutput]:
+        if self.autocast_dtype is None:
+            logits = self.model(batch.dense, batch.sparse)
+        else:
+            with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+                logits = self.model(batch.dense, batch.sparse)
+        logits = logits.float()  # (B, num_tasks)
+        weight = batch.mask.to(logits.dtype).unsqueeze(1)  # (B, 1): padding rows contribute nothing
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        task_losses = (bce * weight).sum(0) / weight.sum().clamp_min(1.0)  # (num_tasks,)
+        loss = task_losses.sum()
+        return loss, RankingOutput(
+            task_losses.detach(), logits.detach(), batch.labels, batch.user_id, batch.mask
+        )

@@ -1,0 +1,333 @@
+"""RankMixer dense arch (Zhu et al., CIKM'25, section 3), pure torch.
+
+Design choices:
+1. Token-major layout. Inside the arch activations are (T, B, D), not (B, T, D): the per-token
+   tokenizer projection and per-token FFN are then batched matmuls over a contiguous leading T axis
+   (`torch.baddbmm`, bias fused), LayerNorm works on the last axis in place, and the only copy in a
+   block is the head regroup of token mixing, which has to move data anyway. The public forward takes
+   the pipeline's list of (B, d_g) group embeddings and returns (B, num_tasks) logits.
+2. One batched matmul per linear for all T tokens: weights are stored stacked, (T, D, kD) and
+   (T, kD, D), never as T modules in a loop.
+3. Token mixing is parameter free with H = T (eq. 3-5): a reshape + permute.
+4. The FFN is a swappable module with the contract (T, B, D) -> (T, B, D); the Sparse-MoE FFN will
+   plug in through `build_ffn`.
+5. Post-LN blocks exactly as eq. 1: S = LN(TM(X) + X); X' = LN(PFFN(S) + S).
+6. Init: every weight ~ N(0, 1/fan_in) so a sublayer maps unit-variance inputs to unit-variance
+   outputs; the second FFN linear is further scaled by 1/sqrt(2L) (GPT-2 style) so that even the
+   no-LayerNorm ablation's residual stream grows like O(1) instead of O(L) with depth; biases start
+   at 0. With LayerNorm on (the default) activations are renormalised after every sublayer anyway.
+   Without LayerNorm, X + TM(X) (a parameter-free permutation of X added to X) doubles the variance
+   per block whatever the init, so the no-LN ablation is only sane at the paper's depth (L = 2).
+7. Ablations of tables 2-3 are config switches on one block, not copies of it (see RankMixerConfig).
+8. `flops_per_sample` counts matmul FLOPs only (multiply-add = 2); LayerNorm, GELU, bias adds and
+   softmax are elementwise and are left out (< 1% of the total at D >= 64).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.heads import MultiTaskHead
+
+TOKEN_MIXINGS = ("multi_head", "none", "self_attention", "all_concat_mlp", "all_share")
+FFNS = ("per_token", "shared")
+
+
+@dataclass
+class RankMixerConfig:
+    # widths of the semantic-group embeddings, in group order (tokenizer input); filled in by the pipeline
+    group_dims: list[int] = field(default_factory=list)
+    num_tasks: int = 2  # filled in by the pipeline from the schema's labels
+    num_tokens: int = 16  # T
+    dim: int = 768  # D
+    num_layers: int = 2  # L
+    ffn_mult: int = 2  # k: FFN hidden width is k * D
+    # multi_head (paper) | none (table 2) | self_attention | all_concat_mlp | all_share (table 3)
+    token_mixing: str = "multi_head"
+    ffn: str = "per_token"  # per_token (paper) | shared (table 2: one FFN for all tokens)
+    residual: bool = True  # table 2: "w/o skip connections" when False
+    layer_norm: bool = True  # table 2: "w/o layer normalization" when False
+    head_hidden: list[int] = field(default_factory=list)  # per-task tower hidden sizes ([] = one linear)
+    dropout: float = 0.0  # on the FFN hidden activation and the FFN output
+    attention_heads: int = 0  # heads for token_mixing=self_attention; 0 means T (must divide D)
+
+    def __post_init__(self) -> None:
+        if self.token_mixing not in TOKEN_MIXINGS:
+            raise ValueError(f"token_mixing must be one of {TOKEN_MIXINGS}, got {self.token_mixing!r}")
+        if self.ffn not in FFNS:
+            raise ValueError(f"ffn must be one of {FFNS}, got {self.ffn!r}")
+        if self.token_mixing == "multi_head" and self.dim % self.num_tokens:
+            raise ValueError(f"multi-head token mixing uses H = T heads: D={self.dim} % T={self.num_tokens}")
+        if self.token_mixing == "self_attention" and self.dim % self.num_attention_heads:
+            raise ValueError(f"D={self.dim} not divisible by {self.num_attention_heads} attention heads")
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.attention_heads or self.num_tokens
+
+    @property
+    def input_width(self) -> int:
+        return sum(self.group_dims)
+
+
+def _init_linear_(weight: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
+    nn.init.normal_(weight, mean=0.0, std=scale / math.sqrt(fan_in))
+
+
+class SemanticTokenizer(nn.Module):
+    """Eq. 2: concat the group embeddings in group order, split into T equal chunks, project each chunk
+    to D with its own weights (one batched matmul).
+
+    groups: list of (B, d_g) -> (T, B, D). The concatenation (width W) is zero-padded at the end to
+    T * ceil(W / T), so the last chunk is the short one. With split=False (the all-share ablation) the
+    whole vector goes through one (W, D) projection and every token is that same vector.
+    """
+
+    def __init__(self, group_dims: list[int], num_tokens: int, dim: int, split: bool = True) -> None:
+        super().__init__()
+        if not group_dims:
+            raise ValueError("group_dims is empty: the pipeline must fill it from the data schema")
+        self.group_dims = list(group_dims)
+        self.num_tokens = num_tokens
+        self.split = split
+        self.input_width = sum(group_dims)
+        if split:
+            self.chunk = math.ceil(self.input_width / num_tokens)  # d of eq. 2
+            self.pad = num_tokens * self.chunk - self.input_width
+            self.weight = nn.Parameter(torch.empty(num_tokens, self.chunk, dim))  # (T, d, D)
+            self.bias = nn.Parameter(torch.zeros(num_tokens, 1, dim))  # (T, 1, D)
+            _init_linear_(self.weight, self.chunk)
+        else:
+            self.chunk, self.pad = self.input_width, 0
+            self.weight = nn.Parameter(torch.empty(self.input_width, dim))  # (W, D)
+            self.bias = nn.Parameter(torch.zeros(dim))  # (D,)
+            _init_linear_(self.weight, self.input_width)
+
+    def forward(self, groups: list[torch.Tensor]) -> torch.Tensor:
+        if len(groups) != len(self.group_dims):
+            raise ValueError(f"expected {len(self.group_dims)} groups, got {len(groups)}")
+        widths = [g.shape[-1] for g in groups]
+        if widths != self.group_dims:
+            raise ValueError(f"group widths {widths} != schema group_dims {self.group_dims}")
+        e_input = torch.cat(groups, dim=-1)  # (B, W)
+        batch = e_input.shape[0]
+        if not self.split:
+            token = torch.addmm(self.bias, e_input, self.weight)  # (B, D)
+            return token.unsqueeze(0).expand(self.num_tokens, -1, -1).contiguous()  # (T, B, D)
+        if self.pad:
+            e_input = F.pad(e_input, (0, self.pad))  # (B, T*d)
+        chunks = e_input.view(batch, self.num_tokens, self.chunk).transpose(0, 1)  # (T, B, d)
+        return torch.baddbmm(self.bias, chunks, self.weight)  # (T, B, d) @ (T, d, D) -> (T, B, D)
+
+
+class TokenMixing(nn.Module):
+    """Eq. 3-5, parameter free, H = T heads: head h of the output is the concatenation over tokens of
+    head h of every input token. (T, B, D) -> (H, B, T * D/H) = (T, B, D)."""
+
+    def __init__(self, num_tokens: int) -> None:
+        super().__init__()
+        self.num_heads = num_tokens  # H = T keeps the token count for the residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, B, D = x.shape
+        H = self.num_heads
+        heads = x.view(T, B, H, D // H)  # (T, B, H, D/H): SplitHead, eq. 3
+        mixed = heads.permute(2, 1, 0, 3)  # (H, B, T, D/H): regroup by head, eq. 4
+        return mixed.reshape(H, B, T * (D // H))  # (H, B, T*D/H): s^h = [x_1^h || ... || x_T^h]
+
+
+class SelfAttentionMixing(nn.Module):
+    """Table 3 ablation: multi-head self-attention across tokens instead of token mixing (shared Q/K/V/O
+    projections, as in a Transformer). (T, B, D) -> (T, B, D)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        for lin in (self.qkv, self.out):
+            _init_linear_(lin.weight, dim)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, B, D = x.shape
+        nh = self.num_heads
+        qkv = self.qkv(x).view(T, B, 3, nh, D // nh)  # (T, B, 3, nh, hd)
+        q, k, v = qkv.permute(2, 1, 3, 0, 4).unbind(0)  # 3 x (B, nh, T, hd)
+        attn = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd)
+        return self.out(attn.permute(2, 0, 1, 3).reshape(T, B, D))  # (T, B, D)
+
+
+class PerTokenFFN(nn.Module):
+    """Eq. 6-9: token t has its own two-layer GELU MLP, D -> kD -> D. Stacked weights (T, D, kD) and
+    (T, kD, D); one baddbmm (bias fused) per layer for all tokens. (T, B, D) -> (T, B, D)."""
+
+    def __init__(self, num_tokens: int, dim: int, mult: int, dropout: float = 0.0, num_layers: int = 1):
+        super().__init__()
+        hidden = mult * dim
+        self.w1 = nn.Parameter(torch.empty(num_tokens, dim, hidden))  # (T, D, kD)
+        self.b1 = nn.Parameter(torch.zeros(num_tokens, 1, hidden))  # (T, 1, kD)
+        self.w2 = nn.Parameter(torch.empty(num_tokens, hidden, dim))  # (T, kD, D)
+        self.b2 = nn.Parameter(torch.zeros(num_tokens, 1, dim))  # (T, 1, D)
+        self.dropout = nn.Dropout(dropout)
+        _init_linear_(self.w1, dim)
+        _init_linear_(self.w2, hidden, scale=1.0 / math.sqrt(2 * num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.baddbmm(self.b1, x, self.w1)  # (T, B, D) @ (T, D, kD) -> (T, B, kD)
+        h = self.dropout(F.gelu(h))
+        return self.dropout(torch.baddbmm(self.b2, h, self.w2))  # (T, B, kD) @ (T, kD, D) -> (T, B, D)
+
+
+class SharedFFN(nn.Module):
+    """Table 2 ablation: one D -> kD -> D GELU MLP shared by all tokens. (T, B, D) -> (T, B, D)."""
+
+    def __init__(self, dim: int, mult: int, dropout: float = 0.0, num_layers: int = 1) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, mult * dim)
+        self.fc2 = nn.Linear(mult * dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        _init_linear_(self.fc1.weight, dim)
+        _init_linear_(self.fc2.weight, mult * dim, scale=1.0 / math.sqrt(2 * num_layers))
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(F.gelu(self.fc1(x)))  # (T, B, kD)
+        return self.dropout(self.fc2(h))  # (T, B, D)
+
+
+class ConcatMLP(nn.Module):
+    """Table 3 "All-Concat-MLP": concatenate all T tokens, one MLP TD -> kD -> TD, split back into T
+    tokens. Hidden width kD keeps params and FLOPs equal to the per-token FFN (2kTD^2), matching the
+    table's ~0% delta. (T, B, D) -> (T, B, D)."""
+
+    def __init__(self, num_tokens: int, dim: int, mult: int, dropout: float = 0.0, num_layers: int = 1):
+        super().__init__()
+        self.fc1 = nn.Linear(num_tokens * dim, mult * dim)
+        self.fc2 = nn.Linear(mult * dim, num_tokens * dim)
+        self.dropout = nn.Dropout(dropout)
+        _init_linear_(self.fc1.weight, num_tokens * dim)
+        _init_linear_(self.fc2.weight, mult * dim, scale=1.0 / math.sqrt(2 * num_layers))
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, B, D = x.shape
+        flat = x.transpose(0, 1).reshape(B, T * D)  # (B, T*D): all tokens concatenated
+        h = self.dropout(F.gelu(self.fc1(flat)))  # (B, kD)
+        out = self.dropout(self.fc2(h))  # (B, T*D)
+        return out.view(B, T, D).transpose(0, 1)  # (T, B, D): split back into T tokens
+
+
+def build_token_mixing(cfg: RankMixerConfig) -> nn.Module | None:
+    """The routing sublayer of a block; None means the block has no routing sublayer: "none" (table 2),
+    all_concat_mlp (the concat MLP itself mixes all tokens) and all_share (every FFN already gets the
+    whole input vector from the non-splitting tokenizer, as MoE experts share their input)."""
+    if cfg.token_mixing == "multi_head":
+        return TokenMixing(cfg.num_tokens)
+    if cfg.token_mixing == "self_attention":
+        return SelfAttentionMixing(cfg.dim, cfg.num_attention_heads)
+    return None
+
+
+def build_ffn(cfg: RankMixerConfig) -> nn.Module:
+    """The FFN sublayer, contract (T, B, D) -> (T, B, D); the Sparse-MoE FFN plugs in here."""
+    args = dict(dropout=cfg.dropout, num_layers=cfg.num_layers)
+    if cfg.token_mixing == "all_concat_mlp":
+        return ConcatMLP(cfg.num_tokens, cfg.dim, cfg.ffn_mult, **args)
+    if cfg.ffn == "shared":
+        return SharedFFN(cfg.dim, cfg.ffn_mult, **args)
+    return PerTokenFFN(cfg.num_tokens, cfg.dim, cfg.ffn_mult, **args)
+
+
+class RankMixerBlock(nn.Module):
+    """Eq. 1: S = LN(TM(X) + X); X' = LN(FFN(S) + S). (T, B, D) -> (T, B, D)."""
+
+    def __init__(self, cfg: RankMixerConfig) -> None:
+        super().__init__()
+        self.residual = cfg.residual
+        self.token_mixing = build_token_mixing(cfg)
+        self.ffn = build_ffn(cfg)
+        has_mixing = self.token_mixing is not None
+        self.norm1 = nn.LayerNorm(cfg.dim) if cfg.layer_norm and has_mixing else nn.Identity()
+        self.norm2 = nn.LayerNorm(cfg.dim) if cfg.layer_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x  # (T, B, D)
+        if self.token_mixing is not None:
+            mixed = self.token_mixing(x)  # (T, B, D)
+            s = self.norm1(mixed + x if self.residual else mixed)  # (T, B, D)
+        v = self.ffn(s)  # (T, B, D)
+        return self.norm2(v + s if self.residual else v)  # (T, B, D)
+
+
+class RankMixer(nn.Module):
+    """Tokenizer -> L RankMixer blocks -> mean pool over tokens -> one head per task (logits)."""
+
+    def __init__(self, cfg: RankMixerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        split = cfg.token_mixing != "all_share"
+        self.tokenizer = SemanticTokenizer(cfg.group_dims, cfg.num_tokens, cfg.dim, split=split)
+        self.blocks = nn.ModuleList(RankMixerBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = MultiTaskHead(cfg.dim, cfg.num_tasks, cfg.head_hidden)
+
+    def forward(self, groups: list[torch.Tensor]) -> torch.Tensor:
+        x = self.tokenizer(groups)  # list of (B, d_g) -> (T, B, D)
+        for block in self.blocks:
+            x = block(x)  # (T, B, D)
+        pooled = x.mean(dim=0)  # (B, D): mean pooling over tokens
+        return self.head(pooled)  # (B, num_tasks)
+
+    def num_params(self) -> int:
+        """Dense parameters actually in the module (works on the meta device)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_sample(self) -> float:
+        """Forward matmul FLOPs for one sample, from the config (multiply-add = 2)."""
+        return sum(flops_breakdown(self.cfg).values())
+
+
+def flops_breakdown(cfg: RankMixerConfig) -> dict[str, float]:
+    """Forward matmul FLOPs per sample by part. `blocks_ffn` is the term eq. 12 covers (4kLTD^2)."""
+    T, D, L, k = cfg.num_tokens, cfg.dim, cfg.num_layers, cfg.ffn_mult
+    W = cfg.input_width
+    chunk = math.ceil(W / T)
+    tokenizer = 2 * T * chunk * D if cfg.token_mixing != "all_share" else 2 * W * D
+    mixing = 0.0
+    if cfg.token_mixing == "self_attention":
+        # Q, K, V, O projections for T tokens + scores (T x T x D) + weighted sum (T x T x D)
+        mixing = L * (2 * T * D * 4 * D + 2 * 2 * T * T * D)
+    # per-token, shared and concat FFNs all do 2 * (D x kD) matmuls per token: 4kTD^2 per layer
+    blocks_ffn = L * 4 * k * T * D * D
+    head = MultiTaskHead.flops_per_sample_for(D, cfg.num_tasks, cfg.head_hidden)
+    return {"tokenizer": float(tokenizer), "mixing": float(mixing), "blocks_ffn": float(blocks_ffn),
+            "head": float(head)}  # fmt: skip
+
+
+def expected_num_params(cfg: RankMixerConfig) -> dict[str, int]:
+    """Parameter count by part, from the config alone. `blocks_ffn` is the term eq. 12 covers (2kLTD^2)."""
+    T, D, L, k = cfg.num_tokens, cfg.dim, cfg.num_layers, cfg.ffn_mult
+    W = cfg.input_width
+    if cfg.token_mixing == "all_share":
+        tokenizer = W * D + D
+    else:
+        tokenizer = T * math.ceil(W / T) * D + T * D
+    if cfg.token_mixing == "all_concat_mlp":
+        ffn = 2 * k * T * D * D + k * D + T * D
+    elif cfg.ffn == "shared":
+        ffn = 2 * k * D * D + k * D + D
+    else:
+        ffn = 2 * k * T * D * D + T * k * D + T * D
+    mixing = 4 * D * D + 4 * D if cfg.token_mixing == "self_attention" else 0
+    has_mixing = cfg.token_mixing in ("multi_head", "self_attention")
+    norms = (2 * D) * (int(has_mixing) + 1) if cfg.layer_norm else 0
+    head = MultiTaskHead.num_params_for(D, cfg.num_tasks, cfg.head_hidden)
+    return {"tokenizer": tokenizer, "mixing": L * mixing, "blocks_ffn": L * ffn, "norms": L * norms,
+            "head": head}  # fmt: skip

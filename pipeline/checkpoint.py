@@ -1,0 +1,152 @@
+"""Checkpoints with `torch.distributed.checkpoint` (DCP): sharded embedding tables, the fused Adagrad state
+and the dense optimizer state (through the CombinedOptimizer's `state_dict()`), plus the trainer's position.
+
+Layout of `<root>/step_<N>/`:
+- DCP files + `.metadata`: {"model": DMP state dict, "optim": CombinedOptimizer state dict}. DCP reshards on
+  load, so a checkpoint written by 2 ranks loads on 1 rank (the eval job) or on 4.
+- `trainer.json` (rank 0): step, epoch, step within the epoch, world size, written last.
+- `rank_<r>.pt`: that rank's RNG states (the data position is derived from epoch/step: the reader is a
+  deterministic function of (seed, epoch, rank, world size), so a resume replays the same order and skips).
+- `config.yaml`: the resolved run config, so the checkpoint is self-contained for `launch/eval.py`.
+
+Atomic: everything goes to `.step_<N>.tmp/` and rank 0 renames it once every rank has finished, so a
+crash never leaves a checkpoint that looks complete; only `step_*` dirs with `trainer.json` count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from pipeline.dist import DistInfo, broadcast_object
+
+log = logging.getLogger(__name__)
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / "trainer.json").is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or the latest complete one under a run dir / checkpoints dir."""
+    p = Path(path)
+    if (p / "trainer.json").is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"checkpoint: no complete checkpoint at {p} (looked for step_*/trainer.json)")
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, info: DistInfo, keep_last: int = 2) -> None:
+        self.root = Path(root)
+        self.info = info
+        self.keep_last = keep_last
+
+    def latest(self) -> Path | None:
+        found = complete_checkpoints(self.root)
+        return found[-1] if found else None
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict[str, Any],
+        config_yaml: str,
+    ) -> Path:
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".step_{step:08d}.tmp"
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of the same step
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
+        torch.save({"rng": rng_state()}, tmp / f"rank_{self.info.rank}.pt")
+        dist.barrier()
+        if self.info.is_main:
+            (tmp / "config.yaml").write_text(config_yaml)
+            meta = {**trainer_state, "step": step, "world_size": self.info.world_size}
+            (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
+            if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in complete_checkpoints(self.root)[: -self.keep_last] if self.keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("checkpoint saved: %s", final)
+        dist.barrier()
+        return final
+
+    def load(
+        self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any]:
+        """Load model (and optimizer, if given) state in place; restore this rank's RNG when the world size
+        matches. Returns trainer.json."""
+        meta = json.loads((path / "trainer.json").read_text())
+        load_checkpoint_into(path, model, optimizer)
+        rank_file = path / f"rank_{self.info.rank}.pt"
+        if meta["world_size"] == self.info.world_size and rank_file.is_file():
+            set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
+        return meta
+
+
+def load_checkpoint_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """DCP-load a checkpoint into live (possibly differently sharded) model / optimizer state."""
+    state: dict[str, Any] = {"model": model.state_dict()}
+    if optimizer is not None:
+        # Optimizer state is created lazily on the first step; make it exist so DCP can load in place.
+        optimizer.init_state()  # type: ignore[attr-defined]
+        state["optim"] = optimizer.state_dict()
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+        optimizer.post_load_state_dict()  # type: ignore[attr-defined]  # e.g. warmup re-applies its lr
+
+
+def run_dir_for(path: Path) -> Path:
+    """The run dir that owns a checkpoint (…/<run>/checkpoints/step_N)."""
+    return path.parent.parent
+
+
+def agree_on_path(info: DistInfo, path: Path | None) -> Path | None:
+    """Rank 0's view of a filesystem path, on every rank (ranks may race on directory listings)."""
+    value = broadcast_object(str(path) if path is not None else None)
+    return Path(value) if value is not None else None

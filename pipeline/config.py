@@ -1,0 +1,100 @@
+"""Typed configs of a training / eval job. Hydra composes YAML from `conf/` over these dataclasses
+(registered in `launch/`), so a misspelt override or a wrong type fails before anything runs.
+
+`model` stays an untyped mapping here because its fields depend on `model.arch`; it is validated against
+that arch's dataclass in `models.ranking.dense_arch_config` when the model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    root: str = "datasets/synthetic"  # <root>/<split>/*.parquet (relative paths: to the project root)
+    schema: Any = None  # the schema mapping (data/schema.py); conf/data/<name>.yaml
+    generator: Any = None  # defaults for `python -m data.generate`
+    train_split: str = "train"
+    valid_split: str = "valid"
+    split: str = "test"  # what launch/eval.py evaluates (and train's final evaluation)
+    batch_size: int = 512
+    eval_batch_size: int = 2048
+    shuffle_buffer: int = 16384
+    prefetch: int = 8
+
+
+@dataclass
+class SparseOptimConfig:
+    """Fused Adagrad on the embedding tables, applied inside the backward (TorchRec / FBGEMM)."""
+
+    lr: float = 0.05
+    eps: float = 1e-8
+    initial_accumulator_value: float = 0.0
+
+
+@dataclass
+class DenseOptimConfig:
+    """Optimizer of everything outside the embedding tables (DDP-replicated). Paper s4.1: RMSProp, lr 0.01."""
+
+    name: str = "rmsprop"  # rmsprop | adam | adagrad | sgd
+    lr: float = 0.01
+    alpha: float = 0.99  # rmsprop smoothing
+    eps: float = 1e-8
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 200  # linear warmup of the dense lr from 0
+    grad_clip_norm: float = 1.0  # clip the dense grads' global 2-norm; <= 0 disables
+
+
+@dataclass
+class OptimConfig:
+    sparse: SparseOptimConfig = field(default_factory=SparseOptimConfig)
+    dense: DenseOptimConfig = field(default_factory=DenseOptimConfig)
+
+
+@dataclass
+class ShardingConfig:
+    # Sharding types the planner may choose from (TorchRec names): table_wise, row_wise, column_wise,
+    # table_row_wise, data_parallel. Per-table overrides: {table_name: [types]}.
+    types: list[str] = field(default_factory=lambda: ["table_wise", "row_wise", "column_wise"])
+    per_table: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    run_dir: str | None = None  # None: outputs/train/<timestamp>
+    epochs: int = 1
+    max_steps: int = -1  # stop after this many steps in total (-1: run all epochs)
+    seed: int = 0
+    dense_proj_dim: int = 16  # width of each group's projection of its dense features
+    log_every: int = 100
+    eval_every: int = 0  # steps between validations; 0: at the end of every epoch
+    eval_max_batches: int = -1  # cap on periodic validation batches per rank (-1: whole split)
+    checkpoint_every: int = 0  # steps between checkpoints; 0: end of every epoch
+    keep_last: int = 2
+    resume: str = "none"  # none | auto (latest complete checkpoint under run_dir) | a checkpoint path
+    autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    progress_bar: bool = True  # tqdm on rank 0, only when stderr is a TTY
+    final_eval: bool = True  # evaluate data.split after training and write metrics.json
+    save_predictions: bool = False
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = "???"  # a checkpoint dir (run_dir/checkpoints/step_N) or a run dir (its latest)
+    data: DataConfig = field(default_factory=DataConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    output: str | None = None  # where metrics.json goes; None: <checkpoint>/eval_<split>/
+    save_predictions: bool = False
+    max_batches: int = -1

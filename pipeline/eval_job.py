@@ -1,0 +1,61 @@
+"""`run_eval(cfg)`: evaluate a checkpoint on N ranks (any N: DCP reshards the tables) and write
+`metrics.json` (+ per-rank prediction Parquet files with `save_predictions=true`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from data.schema import Schema
+from pipeline.checkpoint import load_checkpoint_into, resolve_checkpoint
+from pipeline.config import EvalConfig, TrainConfig
+from pipeline.dist import init_distributed
+from pipeline.evaluate import evaluate
+from pipeline.run_log import setup_logging
+from pipeline.train_loop import build_model, make_reader, seed_everything, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def load_run_config(checkpoint: Path) -> TrainConfig:
+    """The training config saved inside a checkpoint (model, schema, optimizers)."""
+    path = checkpoint / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint}: no config.yaml (not written by launch/train.py?)")
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    info = init_distributed()
+    setup_logging(info.rank)
+    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    run_cfg = load_run_config(checkpoint)
+    seed_everything(run_cfg.trainer.seed)
+    # Model and schema as trained; where the data lives and which split come from this job's config.
+    run_cfg.data.root, run_cfg.data.split = cfg.data.root, cfg.data.split
+    run_cfg.data.eval_batch_size = cfg.data.eval_batch_size
+    run_cfg.sharding = cfg.sharding
+    schema = Schema.from_dict(run_cfg.data.schema)
+    dmp, _ = build_model(run_cfg, schema, info)
+    load_checkpoint_into(checkpoint, dmp, optimizer=None)
+    reader = make_reader(run_cfg, schema, info, cfg.data.split, train=False)
+    out_dir = Path(cfg.output) if cfg.output else checkpoint / f"eval_{cfg.data.split}"
+    preds = out_dir / "predictions" / f"part-{info.rank:05d}.parquet" if cfg.save_predictions else None
+    metrics = evaluate(dmp, reader, info.device, list(schema.labels), cfg.max_batches, predictions_path=preds)
+    result = {
+        "checkpoint": str(checkpoint),
+        "split": cfg.data.split,
+        "world_size": info.world_size,
+        "test": metrics,
+    }
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "metrics.json", result)
+        log.info("metrics: %s", out_dir / "metrics.json")
+    dist.barrier()
+    return result

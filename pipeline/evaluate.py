@@ -1,0 +1,70 @@
+"""Evaluation loop: exact AUC / UAUC per task over a whole split, across all ranks (DESIGN s5).
+
+Every rank runs the same number of batches (the reader's "pad" policy), because the sharded embedding
+lookups are collectives; padding rows carry mask=False and never reach the metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from data.reader import ParquetReader
+from pipeline.metrics import ExactAUCEvaluator
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    reader: ParquetReader,
+    device: torch.device,
+    task_names: list[str],
+    max_batches: int = -1,
+    predictions_path: Path | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """`model(batch) -> (loss, RankingOutput)` over `reader`; returns ExactAUCEvaluator's metrics.
+    With `predictions_path`, this rank's valid rows (user id, labels, scores) go to that Parquet file."""
+    was_training = model.training
+    model.eval()
+    evaluator = ExactAUCEvaluator(task_names)
+    preds: list[dict[str, torch.Tensor]] = []
+    n = len(reader) if max_batches < 0 else min(max_batches, len(reader))
+    batches = iter(reader)
+    for _ in tqdm(range(n), desc="eval", disable=not progress, leave=False):
+        batch = next(batches).to(device, non_blocking=True)
+        _, out = model(batch)
+        evaluator.update(out.logits, out.labels, out.user_id, out.mask)
+        if predictions_path is not None:
+            m = out.mask
+            preds.append(
+                {
+                    "user_id": out.user_id[m].cpu(),
+                    "labels": out.labels[m].cpu(),
+                    "scores": torch.sigmoid(out.logits[m]).cpu(),
+                }
+            )
+    if hasattr(batches, "close"):
+        batches.close()
+    metrics = evaluator.compute()
+    if predictions_path is not None:
+        write_predictions(predictions_path, preds, task_names)
+    model.train(was_training)
+    return metrics
+
+
+def write_predictions(path: Path, preds: list[dict[str, torch.Tensor]], task_names: list[str]) -> None:
+    cols: dict[str, pa.Array] = {"user_id": pa.array(torch.cat([p["user_id"] for p in preds]).numpy())}
+    labels = torch.cat([p["labels"] for p in preds])
+    scores = torch.cat([p["scores"] for p in preds])
+    for i, t in enumerate(task_names):
+        cols[t] = pa.array(labels[:, i].numpy())
+        cols[f"score_{t}"] = pa.array(scores[:, i].numpy())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.table(cols), tmp, compression="zstd")
+    tmp.replace(path)

@@ -1,0 +1,103 @@
+"""Shard a RankingModel: TorchRec's planner chooses a plan within the config's constraints, then
+`DistributedModelParallel` shards the embedding tables and wraps every other module in DDP.
+
+The model never knows it is distributed (torchtitan's `parallelize(model, config)` shape): `train_loop`
+builds it on the meta device and hands it here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory
+from torchrec.distributed.planner.types import TrainerConfig as PlannerTrainerConfig
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.types import ShardingPlan, ShardingType
+
+from models.sparse_arch import embedding_bag_configs
+from pipeline.config import ShardingConfig
+from pipeline.dist import DistInfo
+
+log = logging.getLogger(__name__)
+
+_TYPES = {t.value: t.value for t in ShardingType}
+
+
+def _check_types(where: str, types: list[str]) -> list[str]:
+    bad = [t for t in types if t not in _TYPES]
+    if bad or not types:
+        raise ValueError(f"{where}: unknown or empty sharding type(s) {bad} (known: {sorted(_TYPES)})")
+    return list(types)
+
+
+def planner_constraints(cfg: ShardingConfig, table_names: list[str]) -> dict[str, ParameterConstraints]:
+    """Per-table `ParameterConstraints` from `sharding.types` and `sharding.per_table`."""
+    default = _check_types("sharding.types", list(cfg.types))
+    unknown = sorted(set(cfg.per_table) - set(table_names))
+    if unknown:
+        raise ValueError(f"sharding.per_table: unknown table(s) {unknown} (tables: {sorted(table_names)})")
+    return {
+        name: ParameterConstraints(
+            sharding_types=_check_types(f"sharding.per_table.{name}", list(cfg.per_table[name]))
+            if name in cfg.per_table
+            else default
+        )
+        for name in table_names
+    }
+
+
+def plan_table(plan: ShardingPlan) -> str:
+    """The plan as a fixed-width table: one row per embedding table."""
+    rows = [("module", "table", "sharding", "kernel", "ranks", "shard sizes")]
+    for module_path, module_plan in sorted(plan.plan.items()):
+        for table, ps in sorted(module_plan.items()):  # type: ignore[union-attr]
+            sizes = ""
+            if ps.sharding_spec is not None:
+                sizes = " ".join("x".join(map(str, s.shard_sizes)) for s in ps.sharding_spec.shards)
+            rows.append(
+                (
+                    module_path,
+                    table,
+                    ps.sharding_type,
+                    ps.compute_kernel,
+                    ",".join(map(str, ps.ranks or [])),
+                    sizes,
+                )
+            )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def shard_model(
+    model: nn.Module, schema_tables: list[str], cfg: ShardingConfig, info: DistInfo, batch_size: int
+) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Plan (rank 0 plans, all ranks receive it) and shard `model` (built on the meta device)."""
+    topology = TopologyFactory.create_topology(
+        PlannerTrainerConfig(world_size=info.world_size, local_world_size=info.local_world_size),
+        kernel_config=KernelConfig(compute_device=info.device.type),
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology, batch_size=batch_size, constraints=planner_constraints(cfg, schema_tables)
+    )
+    sharders = get_default_sharders()
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    if info.is_main:
+        log.info("sharding plan (world size %d):\n%s", info.world_size, plan_table(plan))
+    dmp = DistributedModelParallel(module=model, device=info.device, plan=plan, sharders=sharders)
+    return dmp, plan
+
+
+def table_names(schema) -> list[str]:  # noqa: ANN001 - data.schema.Schema
+    return [c.name for c in embedding_bag_configs(schema)]
+
+
+def unwrap(dmp: DistributedModelParallel) -> nn.Module:
+    """The user module inside DMP (and its DDP wrapper)."""
+    return (
+        dmp.module.module if isinstance(dmp.module, torch.nn.parallel.DistributedDataParallel) else dmp.module
+    )

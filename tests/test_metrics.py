@@ -1,0 +1,263 @@
+"""Exact metrics in pipeline.metrics against sklearn / brute force, single-process and 2-rank gloo."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from sklearn.metrics import log_loss, roc_auc_score
+
+from pipeline.metrics import ExactAUCEvaluator, binary_auc, user_auc
+
+TASKS = ["click", "like"]
+
+
+def _random_rows(n: int, seed: int, tie_levels: int | None, n_users: int = 50) -> tuple[torch.Tensor, ...]:
+    """Scores (continuous or with only ``tie_levels`` distinct values), 0/1 labels, sparse user ids."""
+    gen = torch.Generator().manual_seed(seed)
+    if tie_levels is None:
+        scores = torch.rand(n, generator=gen)
+    else:
+        scores = torch.randint(0, tie_levels, (n,), generator=gen).float() / tie_levels
+    # Labels correlated with the score so the AUC is away from 0.5.
+    labels = (torch.rand(n, generator=gen) < 0.2 + 0.5 * scores).float()
+    # Non-contiguous, partly negative ids (hashed ids in production), rows in random user order.
+    users = torch.randint(0, n_users, (n,), generator=gen) * 7919 - 1000
+    return scores, labels, users
+
+
+def _brute_force_uauc(scores: np.ndarray, labels: np.ndarray, users: np.ndarray) -> dict[str, float]:
+    """Per-user loop with sklearn; users with one class are skipped."""
+    aucs, sizes = [], []
+    order = np.argsort(users, kind="stable")
+    _, starts = np.unique(users[order], return_index=True)
+    for rows in np.split(order, starts[1:]):
+        if len(np.unique(labels[rows])) < 2:
+            continue
+        aucs.append(roc_auc_score(labels[rows], scores[rows]))
+        sizes.append(len(rows))
+    if not aucs:
+        return {"uauc": math.nan, "uauc_weighted": math.nan, "uauc_users": 0.0}
+    return {
+        "uauc": float(np.mean(aucs)),
+        "uauc_weighted": float(np.average(aucs, weights=sizes)),
+        "uauc_users": float(len(aucs)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- binary_auc
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("tie_levels", [None, 2, 5, 50])
+@pytest.mark.parametrize("n", [7, 1000, 20_000])
+def test_binary_auc_matches_sklearn(n: int, tie_levels: int | None, seed: int) -> None:
+    scores, labels, _ = _random_rows(n, seed, tie_levels)
+    if labels.min() == labels.max():
+        pytest.skip("one class only")
+    expected = roc_auc_score(labels.numpy(), scores.numpy())
+    assert binary_auc(scores, labels) == pytest.approx(expected, abs=1e-6)
+
+
+def test_binary_auc_on_logits_keeps_distinct_large_logits_distinct() -> None:
+    """float32 sigmoid maps all these logits to 1.0; the AUC must still see their order."""
+    logits = torch.tensor([20.0, 21.0, 22.0, 23.0, 24.0, 25.0, -3.0, 30.0])
+    labels = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0])
+    expected = roc_auc_score(labels.numpy(), logits.double().numpy())
+    assert binary_auc(logits, labels) == pytest.approx(expected, abs=1e-7)
+    assert expected != pytest.approx(roc_auc_score(labels.numpy(), torch.sigmoid(logits).numpy()))
+
+
+def test_binary_auc_ties_count_half() -> None:
+    assert binary_auc(torch.full((6,), 0.3), torch.tensor([0, 1, 0, 1, 1, 0.0])) == pytest.approx(0.5)
+    # one pos/neg pair tied, one pair correctly ordered -> (1 + 0.5) / 2
+    assert binary_auc(torch.tensor([0.5, 0.5, 0.9]), torch.tensor([0.0, 1.0, 1.0])) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize(
+    "labels", [torch.zeros(5), torch.ones(5), torch.empty(0)], ids=["all_neg", "all_pos", "empty"]
+)
+def test_binary_auc_is_nan_without_both_classes(labels: torch.Tensor) -> None:
+    assert math.isnan(binary_auc(torch.rand(labels.numel()), labels))
+
+
+def test_binary_auc_rejects_mismatched_lengths() -> None:
+    with pytest.raises(ValueError):
+        binary_auc(torch.rand(4), torch.ones(3))
+
+
+# ---------------------------------------------------------------------------------------------- user_auc
+
+
+_UAUC_CASES = [(n, u, t, s) for n, u in [(40, 30), (2000, 200)] for t in [None, 3, 20] for s in [0, 1]]
+
+
+@pytest.mark.parametrize(("n", "n_users", "tie_levels", "seed"), [*_UAUC_CASES, (10_000, 800, 5, 2)])
+def test_user_auc_matches_brute_force(n: int, n_users: int, tie_levels: int | None, seed: int) -> None:
+    scores, labels, users = _random_rows(n, seed, tie_levels, n_users)
+    got = user_auc(scores, labels, users)
+    expected = _brute_force_uauc(scores.numpy(), labels.numpy(), users.numpy())
+    assert got["uauc_users"] == expected["uauc_users"]
+    # Some users must be skipped, so the test really exercises the single-class filter.
+    assert got["uauc_users"] < len(torch.unique(users))
+    assert got["uauc"] == pytest.approx(expected["uauc"], abs=1e-12)
+    assert got["uauc_weighted"] == pytest.approx(expected["uauc_weighted"], abs=1e-12)
+
+
+def test_user_auc_skips_single_class_users_and_weights_by_impressions() -> None:
+    # user 1: 2 rows AUC 1.0; user 2: 4 rows AUC 0.5 (all tied); user 3: single class -> skipped
+    scores = torch.tensor([0.1, 0.9, 0.4, 0.4, 0.4, 0.4, 0.2, 0.8])
+    labels = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    users = torch.tensor([1, 1, 2, 2, 2, 2, 3, 3])
+    got = user_auc(scores, labels, users)
+    expected = {"uauc": 0.75, "uauc_weighted": (1.0 * 2 + 0.5 * 4) / 6, "uauc_users": 2.0}
+    assert got == pytest.approx(expected)
+
+
+def test_user_auc_is_row_order_invariant() -> None:
+    scores, labels, users = _random_rows(5000, 3, 10, 300)
+    perm = torch.randperm(5000, generator=torch.Generator().manual_seed(0))
+    assert user_auc(scores, labels, users) == user_auc(scores[perm], labels[perm], users[perm])
+
+
+def test_user_auc_single_user_equals_binary_auc() -> None:
+    scores, labels, _ = _random_rows(5000, 4, 7)
+    got = user_auc(scores, labels, torch.zeros(5000, dtype=torch.long))
+    assert got["uauc_users"] == 1.0
+    assert got["uauc"] == pytest.approx(binary_auc(scores, labels), abs=1e-6)
+    assert got["uauc_weighted"] == got["uauc"]
+
+
+@pytest.mark.parametrize(
+    ("labels", "users"),
+    [
+        (torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.tensor([1, 2, 3, 4])),  # one row per user
+        (torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([1, 1, 2, 2])),  # one class per user
+        (torch.empty(0), torch.empty(0, dtype=torch.long)),
+    ],
+    ids=["singletons", "single_class_users", "empty"],
+)
+def test_user_auc_without_counted_users(labels: torch.Tensor, users: torch.Tensor) -> None:
+    got = user_auc(torch.rand(labels.numel()), labels, users)
+    assert math.isnan(got["uauc"]) and math.isnan(got["uauc_weighted"])
+    assert got["uauc_users"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- evaluator
+
+
+def _rank_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Deterministic eval batches for ``rank``: unequal row counts, padding rows, users shared by ranks."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    sizes = [256, 256, 97] if rank == 0 else [256, 31, 64]
+    batches = []
+    for size in sizes:
+        logits = torch.randn(size, len(TASKS), generator=gen) * 3
+        # Heavy ties in task 0 (rounded logits), continuous task 1.
+        logits[:, 0] = logits[:, 0].round()
+        labels = (torch.rand(size, len(TASKS), generator=gen) < torch.sigmoid(logits)).float()
+        users = torch.randint(0, 60, (size,), generator=gen)
+        mask = torch.rand(size, generator=gen) > 0.15
+        if rank == 1 and size == 64:
+            mask[:] = False  # a batch that is padding only
+        labels[~mask] = 1.0  # padding rows hold garbage that must not leak into the metrics
+        logits[~mask] = 50.0
+        batches.append((logits, labels, users, mask))
+    return batches
+
+
+def _valid_rows(batches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = torch.cat([b[0][b[3]] for b in batches])
+    labels = torch.cat([b[1][b[3]] for b in batches])
+    users = torch.cat([b[2][b[3]] for b in batches])
+    return logits, labels, users
+
+
+def _evaluate(batches: list) -> dict[str, float]:
+    evaluator = ExactAUCEvaluator(TASKS)
+    for batch in batches:
+        evaluator.update(*batch)
+    return evaluator.compute()
+
+
+def test_evaluator_matches_functions_over_valid_rows() -> None:
+    batches = _rank_batches(0)
+    got = _evaluate(batches)
+    logits, labels, users = _valid_rows(batches)
+    assert got["rows"] == float(logits.shape[0])
+    for t, task in enumerate(TASKS):
+        y = labels[:, t].numpy()
+        p = torch.sigmoid(logits[:, t].double()).numpy()
+        assert got[f"{task}/auc"] == pytest.approx(roc_auc_score(y, logits[:, t].numpy()), abs=1e-6)
+        uauc = _brute_force_uauc(logits[:, t].numpy(), y, users.numpy())
+        for key, value in uauc.items():
+            assert got[f"{task}/{key}"] == pytest.approx(value, abs=1e-12)
+        assert got[f"{task}/logloss"] == pytest.approx(log_loss(y, p), rel=1e-9)
+        assert got[f"{task}/ctr"] == pytest.approx(y.mean(), rel=1e-12)
+        assert got[f"{task}/pred_mean"] == pytest.approx(p.mean(), rel=1e-12)
+
+
+def test_evaluator_reset_and_empty() -> None:
+    evaluator = ExactAUCEvaluator(TASKS)
+    for batch in _rank_batches(1):
+        evaluator.update(*batch)
+    evaluator.reset()
+    got = evaluator.compute()
+    assert got["rows"] == 0.0
+    assert got["click/uauc_users"] == 0.0
+    assert all(math.isnan(got[f"click/{k}"]) for k in ("auc", "uauc", "logloss", "ctr", "pred_mean"))
+
+
+def test_evaluator_rejects_wrong_task_count() -> None:
+    with pytest.raises(ValueError):
+        users = torch.zeros(4, dtype=torch.long)
+        ExactAUCEvaluator(TASKS).update(torch.zeros(4, 3), torch.zeros(4, 3), users)
+
+
+def _distributed_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+    """One gloo rank: evaluate its own batches, then evaluate again with rank 1 holding no valid rows."""
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        batches = _rank_batches(rank)
+        evaluator = ExactAUCEvaluator(TASKS)
+        for batch in batches:
+            evaluator.update(*batch)
+        uneven = evaluator.compute()
+        evaluator.reset()
+        if rank == 0:
+            evaluator.update(*batches[0])
+        else:
+            evaluator.update(*batches[2])  # padding-only batch
+        rank1_empty = evaluator.compute()
+        torch.save({"uneven": uneven, "rank1_empty": rank1_empty}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _assert_same_metrics(got: dict[str, float], expected: dict[str, float]) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12, nan_ok=True), key
+
+
+def test_distributed_compute_equals_single_process_over_all_valid_rows(tmp_path: Path) -> None:
+    world_size = 2
+    mp.start_processes(
+        _distributed_worker,
+        args=(world_size, str(tmp_path / "store"), str(tmp_path)),
+        nprocs=world_size,
+        start_method="spawn",
+    )
+    all_batches = _rank_batches(0) + _rank_batches(1)
+    expected_uneven = _evaluate(all_batches)
+    expected_rank1_empty = _evaluate(_rank_batches(0)[:1])
+    assert expected_uneven["rows"] > 0 and math.isfinite(expected_uneven["like/uauc"])
+    for rank in range(world_size):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        _assert_same_metrics(results["uneven"], expected_uneven)
+        _assert_same_metrics(results["rank1_empty"], expected_rank1_empty)

@@ -1,0 +1,189 @@
+"""End to end through the real launchers: `torchrun --nproc_per_node 2 launch/train.py` (gloo, 2 CPU
+processes) on a generated Parquet dataset, then `launch/eval.py` on 1 rank from the 2-rank checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, (
+        f"command failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    )
+    return proc
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("e2e") / "data"
+    ok(
+        run(
+            [
+                sys.executable,
+                "-m",
+                "data.generate",
+                "--config",
+                "conf/data/synthetic.yaml",
+                "--root",
+                str(root),
+                "--rows",
+                "40000",
+                "--seed",
+                "3",
+            ]
+        )
+    )
+    return root
+
+
+def train_cmd(dataset: Path, run_dir: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    return [
+        *TORCHRUN,
+        "--nproc_per_node",
+        str(nproc),
+        "launch/train.py",
+        f"data.root={dataset}",
+        f"trainer.run_dir={run_dir}",
+        "data.batch_size=256",
+        "data.eval_batch_size=1024",
+        "trainer.log_every=10",
+        "trainer.progress_bar=false",
+        "trainer.epochs=3",
+        "optim.dense.warmup_steps=20",
+        *overrides,
+    ]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def test_two_rank_training_learns_resumes_exactly_and_evaluates_on_one_rank(dataset: Path, tmp_path: Path):
+    steps = 60
+    # Uninterrupted run: 2N steps, checkpoint every N.
+    full = tmp_path / "full"
+    proc = ok(
+        run(
+            train_cmd(
+                dataset,
+                full,
+                f"trainer.max_steps={2 * steps}",
+                f"trainer.checkpoint_every={steps}",
+                "trainer.eval_every=0",
+            )
+        )
+    )
+    assert "will be pipelined" in proc.stderr and "will NOT be pipelined" not in proc.stderr
+    full_losses = losses(full)
+    summary = json.loads((full / "metrics.json").read_text())
+    first, last = full_losses[10], full_losses[2 * steps]
+    assert last < first - 0.02, f"loss did not drop: {first:.4f} -> {last:.4f}"
+    for task in ("finish", "skip"):
+        assert summary["test"][f"{task}/auc"] > 0.6, summary["test"]
+
+    # Interrupted run: N steps, stop; then resume=auto to 2N. Same data order, same optimizer state.
+    part = tmp_path / "part"
+    ok(run(train_cmd(dataset, part, f"trainer.max_steps={steps}", "trainer.final_eval=false")))
+    ok(
+        run(
+            train_cmd(
+                dataset,
+                part,
+                f"trainer.max_steps={2 * steps}",
+                "trainer.resume=auto",
+                f"trainer.checkpoint_every={steps}",
+            )
+        )
+    )
+    resumed = losses(part)
+    for step in range(steps + 10, 2 * steps + 1, 10):
+        assert resumed[step] == pytest.approx(full_losses[step], rel=1e-5, abs=1e-6), (
+            step,
+            resumed,
+            full_losses,
+        )
+    resumed_summary = json.loads((part / "metrics.json").read_text())
+    assert resumed_summary["test"]["finish/auc"] == pytest.approx(summary["test"]["finish/auc"], abs=1e-5)
+
+    # The 2-rank checkpoint evaluated on 1 rank (tables resharded by DCP) gives the same exact metrics.
+    out = tmp_path / "eval1"
+    ok(
+        run(
+            [
+                *TORCHRUN,
+                "--nproc_per_node",
+                "1",
+                "launch/eval.py",
+                f"checkpoint={full}",
+                f"data.root={dataset}",
+                "data.split=test",
+                f"output={out}",
+                "save_predictions=true",
+            ]
+        )
+    )
+    evaluated = json.loads((out / "metrics.json").read_text())
+    assert evaluated["world_size"] == 1
+    for key in ("finish/auc", "skip/auc", "finish/uauc", "skip/uauc_weighted", "rows"):
+        assert evaluated["test"][key] == pytest.approx(summary["test"][key], abs=1e-5), key
+    assert (out / "predictions" / "part-00000.parquet").is_file()
+    # Keep-last-K: only the newest two complete checkpoints remain, no temp dirs.
+    names = sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert names == ["step_00000060", "step_00000120"], names
+
+
+def test_misspelt_override_is_rejected_before_training(dataset: Path, tmp_path: Path):
+    proc = run([sys.executable, "launch/train.py", f"data.root={dataset}", "trainer.epocs=2"], timeout=120)
+    assert proc.returncode != 0
+    assert "epocs" in proc.stderr
+
+
+def test_wrongly_typed_override_is_rejected_with_the_key(dataset: Path, tmp_path: Path):
+    proc = run(
+        [sys.executable, "launch/train.py", f"data.root={dataset}", "trainer.max_steps=many"], timeout=120
+    )
+    assert proc.returncode != 0
+    assert "max_steps" in proc.stderr
+
+
+def test_unknown_model_field_names_the_field(dataset: Path, tmp_path: Path):
+    proc = run(
+        [
+            sys.executable,
+            "launch/train.py",
+            f"data.root={dataset}",
+            f"trainer.run_dir={tmp_path / 'r'}",
+            "+model.num_tokenz=4",
+        ],
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "num_tokenz" in proc.stderr
+
+
+def test_missing_dataset_split_names_the_directory(tmp_path: Path):
+    missing = tmp_path / "nowhere"
+    proc = run(
+        [sys.executable, "launch/train.py", f"data.root={missing}", f"trainer.run_dir={tmp_path / 'r'}"],
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert str(missing / "train") in proc.stderr
