@@ -60,8 +60,8 @@ def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="ParquetReader throughput (rows/s) on one core")
+def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The benchmark's options; shared with `launch/bench.py loader`."""
     ap.add_argument("--root", required=True, help="dataset root holding train/ valid/ test/")
     ap.add_argument("--config", default=DEFAULT_CONFIG)
     ap.add_argument("--split", default="train")
@@ -73,4 +73,5 @@ def _parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    bench_loader(_parser().parse_args())
+    parser = argparse.ArgumentParser(description="ParquetReader throughput (rows/s) on one core")
+    bench_loader(add_arguments(parser).parse_args())

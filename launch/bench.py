@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
+from data.loader_bench import add_arguments as add_loader_arguments  # noqa: E402
 from models.rankmixer import RankMixer, RankMixerConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -273,7 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dense.add_argument("--json", default=None, help="write the figures to this JSON file")
     dense.set_defaults(func=cmd_dense)
+
+    # The loader's options live with it (data/loader_bench.py imports nothing heavy at module level).
+    loader = sub.add_parser("loader", help="Parquet reader -> RecBatch throughput (rows/s) on one core")
+    add_loader_arguments(loader)
+    loader.set_defaults(func=cmd_loader)
     return parser
+
+
+def cmd_loader(args: argparse.Namespace) -> dict:
+    # Imported here: the reader needs TorchRec, which a torch-only GPU box running `dense` lacks.
+    from data.loader_bench import bench_loader
+
+    return bench_loader(args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,7 @@ Design choices:
 - `FeatureGroups` turns the sparse arch's pooled embeddings and the dense float features into the ordered
   list of semantic-group vectors the tokenizer expects (paper s3.2, DESIGN s2): each group is the
   concatenation of its features' embeddings, plus (if the group has dense features) a linear projection of
-  its dense features. One gather puts every group's embedding columns side by side, then one split.
+  its dense features. Features are picked by name (`KeyedTensor.regroup`), never by position.
 - Dense float features go through a signed log (sign(x) * log1p(|x|)) before their projection, because
   recsys counts and durations are heavy-tailed and a plain linear layer on them trains badly.
 - The dense arch is any module mapping `list[(B, d_g)] -> (B, num_tasks)`; `build_dense_arch` picks it from
@@ -65,31 +65,16 @@ class FeatureGroups(nn.Module):
     def __init__(self, schema: Schema, dense_proj_dim: int) -> None:
         super().__init__()
         self.groups = list(schema.groups)
-        # Embedding columns in the order the EmbeddingBagCollection emits them (tables in config order,
-        # features in table order); TorchRec keeps this order for the sharded module's output too.
-        self.emb_keys: list[str] = []
-        key_dims: dict[str, int] = {}
-        for cfg in embedding_bag_configs(schema):
-            for name in cfg.feature_names:
-                self.emb_keys.append(name)
-                key_dims[name] = cfg.embedding_dim
-        offsets, start = {}, 0
-        for name in self.emb_keys:
-            offsets[name] = (start, start + key_dims[name])
-            start += key_dims[name]
-
-        # One gather index puts each group's embedding columns contiguously, in group order.
-        perm: list[int] = []
-        self.emb_widths: list[int] = []
-        for g in self.groups:
-            cols = [c for name in self.emb_keys if schema.group_of(name) == g for c in range(*offsets[name])]
-            perm.extend(cols)
-            self.emb_widths.append(len(cols))
-        self.register_buffer("emb_perm", torch.tensor(perm, dtype=torch.long), persistent=False)
-
-        dense_groups = list(schema.dense_groups)
+        dims = {n: cfg.embedding_dim for cfg in embedding_bag_configs(schema) for n in cfg.feature_names}
+        # Embedding features of each group, by name: a sharded EmbeddingBagCollection emits its keys in an
+        # order that depends on the sharding plan, so a model trained on 2 ranks and evaluated on 1 must
+        # select its columns by key, never by position. KeyedTensor.regroup does that in one fused op.
+        self.emb_features: list[list[str]] = [
+            [name for name in schema.sparse_keys if schema.group_of(name) == g] for g in self.groups
+        ]
+        emb_widths = [sum(dims[name] for name in names) for names in self.emb_features]
         self.dense_index: dict[str, list[int]] = {
-            g: [i for i, dg in enumerate(dense_groups) if dg == g] for g in self.groups
+            g: [i for i, dg in enumerate(schema.dense_groups) if dg == g] for g in self.groups
         }
         self.dense_proj = nn.ModuleDict(
             {g: nn.Linear(len(idx), dense_proj_dim) for g, idx in self.dense_index.items() if idx}
@@ -98,21 +83,23 @@ class FeatureGroups(nn.Module):
             if idx:
                 self.register_buffer(f"dense_idx_{g}", torch.tensor(idx, dtype=torch.long), persistent=False)
         self.group_dims = [
-            w + (dense_proj_dim if self.dense_index[g] else 0) for g, w in zip(self.groups, self.emb_widths)
+            w + (dense_proj_dim if self.dense_index[g] else 0) for g, w in zip(self.groups, emb_widths)
         ]
         empty = [g for g, d in zip(self.groups, self.group_dims) if d == 0]
         if empty:
             raise ValueError(f"schema.groups: group(s) {empty} have no sparse or dense feature")
+        # Groups without embedding features get their dense projection alone.
+        self._emb_groups = [names for names in self.emb_features if names]
 
     def forward(self, embeddings: KeyedTensor, dense: torch.Tensor) -> list[torch.Tensor]:
-        emb = embeddings.values().index_select(1, self.emb_perm)  # (B, sum of embedding dims)
-        parts = torch.split(emb, self.emb_widths, dim=1)  # per group (B, w_g)
+        parts = iter(KeyedTensor.regroup([embeddings], self._emb_groups))  # per group (B, w_g)
         dense = signed_log(dense)  # (B, Nd)
         out = []
-        for g, part in zip(self.groups, parts):
+        for g, names in zip(self.groups, self.emb_features):
+            part = next(parts) if names else None
             if g in self.dense_proj:
-                proj = self.dense_proj[g](dense.index_select(1, getattr(self, f"dense_idx_{g}")))
-                part = torch.cat([part, proj], dim=1) if part.shape[1] else proj  # (B, d_g)
+                proj = self.dense_proj[g](dense.index_select(1, getattr(self, f"dense_idx_{g}")))  # (B, p)
+                part = proj if part is None else torch.cat([part, proj], dim=1)  # (B, d_g)
             out.append(part)
         return out
 

@@ -29,7 +29,7 @@ class DataConfig:
 class SparseOptimConfig:
     """Fused Adagrad on the embedding tables, applied inside the backward (TorchRec / FBGEMM)."""
 
-    lr: float = 0.05
+    lr: float = 0.1
     eps: float = 1e-8
     initial_accumulator_value: float = 0.0
 
@@ -78,6 +78,8 @@ class TrainerConfig:
     autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     progress_bar: bool = True  # tqdm on rank 0, only when stderr is a TTY
     final_eval: bool = True  # evaluate data.split after training and write metrics.json
+    # [start, end): profile these steps with torch.profiler on rank 0 -> <run_dir>/profile/ (chrome trace)
+    profile_steps: list[int] = field(default_factory=list)
     save_predictions: bool = False
 
 

@@ -126,6 +126,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     seed_everything(cfg.trainer.seed)
     schema = Schema.from_dict(cfg.data.schema)
     task_names = list(schema.labels)
+    # Readers first: they validate the data (files, columns, types) before a run dir is created.
+    train_reader = make_reader(cfg, schema, info, cfg.data.train_split, train=True)
+    valid_reader = make_reader(cfg, schema, info, cfg.data.valid_split, train=False)
     run_dir = resolve_run_dir(cfg, info)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if info.is_main:
@@ -134,8 +137,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "run dir: %s (world size %d, %s, backend %s)", run_dir, info.world_size, info.device, info.backend
         )
 
-    train_reader = make_reader(cfg, schema, info, cfg.data.train_split, train=True)
-    valid_reader = make_reader(cfg, schema, info, cfg.data.valid_split, train=False)
     dmp, optimizer = build_model(cfg, schema, info)
     dense_params = sum(p.numel() for n, p in dmp.named_parameters() if "embedding_bags" not in n)
     if info.is_main:
@@ -182,6 +183,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             log.info("valid step %d: %s", pos.step, _fmt(metrics, task_names))
         return metrics
 
+    profiler = StepProfiler(cfg.trainer.profile_steps, run_dir / "profile", enabled=info.is_main)
     dmp.train()
     window_t, window_steps, window_loss = time.perf_counter(), 0, None
     train_time, train_steps = 0.0, 0
@@ -192,10 +194,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             train_reader.load_state_dict({"epoch": pos.epoch, "batches_yielded": pos.step_in_epoch})
         batches = iter(train_reader)
         while pos.step < total_steps:
+            profiler.before_step(pos.step)
             try:
                 out = pipeline.progress(batches)
             except StopIteration:
                 break
+            profiler.after_step(pos.step)
             pos.step += 1
             pos.step_in_epoch += 1
             window_steps += 1
@@ -274,6 +278,38 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     runlog.close()
     dist.barrier()
     return summary
+
+
+class StepProfiler:
+    """torch.profiler over the steps [start, end) on one rank: a chrome trace and a top-ops table, to see
+    where a training step's time goes (input dist, embedding lookups, dense compute, DDP, optimizer)."""
+
+    def __init__(self, steps: list[int], out_dir: Path, enabled: bool) -> None:
+        if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
+            raise ValueError(f"trainer.profile_steps: expected [start, end), 0 <= start < end; got {steps}")
+        self.window = steps if enabled else []
+        self.out_dir = out_dir
+        self.prof: torch.profiler.profile | None = None
+
+    def before_step(self, step: int) -> None:
+        if self.window and step == self.window[0]:
+            self.prof = torch.profiler.profile(record_shapes=False)
+            self.prof.__enter__()
+
+    def after_step(self, step: int) -> None:
+        if self.prof is not None and step + 1 == self.window[1]:
+            self.prof.__exit__(None, None, None)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.prof.export_chrome_trace(str(self.out_dir / "trace.json"))
+            table = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+            (self.out_dir / "top_ops.txt").write_text(table)
+            log.info(
+                "profile of steps %s written to %s; top ops by self CPU time:\n%s",
+                self.window,
+                self.out_dir,
+                table,
+            )
+            self.prof = None
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

@@ -96,8 +96,8 @@ def test_two_rank_training_learns_resumes_exactly_and_evaluates_on_one_rank(data
     summary = json.loads((full / "metrics.json").read_text())
     first, last = full_losses[10], full_losses[2 * steps]
     assert last < first - 0.02, f"loss did not drop: {first:.4f} -> {last:.4f}"
-    for task in ("finish", "skip"):
-        assert summary["test"][f"{task}/auc"] > 0.6, summary["test"]
+    for task in ("finish", "skip"):  # ~5k test rows: AUC's standard error is ~0.008
+        assert summary["test"][f"{task}/auc"] > 0.55, summary["test"]
 
     # Interrupted run: N steps, stop; then resume=auto to 2N. Same data order, same optimizer state.
     part = tmp_path / "part"
