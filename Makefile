@@ -25,7 +25,7 @@ $(STAMP): requirements/common.txt requirements/$(STACK).txt requirements/torchre
 	@# CPU: torchrec's declared fbgemm-gpu (CUDA) must not be pulled in. CUDA: its deps are the pinned ones.
 	$(PIP) $(if $(filter cpu,$(STACK)),--no-deps,) -r requirements/torchrec.txt
 	$(PIP) --no-deps --no-build-isolation -e .
-	$(PY) -c "import torch, torchrec, fbgemm_gpu; print('torch', torch.__version__, 'torchrec', torchrec.__version__)"
+	$(PY) -c "import torch, torchrec, fbgemm_gpu, torchmetrics, tensordict, hydra, pyarrow; print('torch', torch.__version__, 'torchrec', torchrec.__version__)"
 	rm -f $(VENV)/.stamp-* && touch $@
 
 $(DATA_ROOT)/dataset.json: | $(STAMP)
