@@ -2,9 +2,13 @@
 
     dense   RankMixer dense arch vs a DLRM-style MLP of equal parameter count: training samples/s,
             achieved FLOP/s and MFU against a GEMM peak measured in the same run.
+    moe     Sparse-MoE RankMixer inference: samples/s of sparse inference (inactive experts skipped) at
+            each active-expert ratio vs dense inference (every expert computed) with the same gates.
+    loader  Parquet reader -> RecBatch throughput.
 
-Example:
+Examples:
     python launch/bench.py dense --preset rankmixer_small --batch-size 512 --steps 20 --device cpu
+    python launch/bench.py moe --preset rankmixer_small_smoe --batch-size 512 --ratios 1,0.5,0.25,0.125
 
 Imports torch (+ yaml to read a preset) only, never torchrec, so it runs on any GPU box with torch.
 Training FLOPs = 3 x forward FLOPs (backward = 2 x forward: grads w.r.t. inputs and weights).
@@ -32,6 +36,7 @@ import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 from data.loader_bench import add_arguments as add_loader_arguments  # noqa: E402
+from models.moe import SparseMoEFFN  # noqa: E402
 from models.rankmixer import RankMixer, RankMixerConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,6 +83,7 @@ def gemm_probe(device: torch.device, dtype: torch.dtype, n: int):
 def load_preset(name: str) -> dict:
     path = Path(name) if name.endswith(".yaml") else REPO_ROOT / "conf" / "model" / f"{name}.yaml"
     fields = yaml.safe_load(path.read_text())
+    fields.pop("defaults", None)  # Hydra's defaults list (the typed `rankmixer_base` the preset extends)
     if fields.pop("arch", None) != "rankmixer":
         raise ValueError(f"{path} is not a rankmixer preset")
     return fields
@@ -245,6 +251,110 @@ def cmd_dense(args: argparse.Namespace) -> dict:
     return result
 
 
+def time_inference(model: nn.Module, groups: list[torch.Tensor], steps: int, warmup: int) -> list[float]:
+    """Seconds per eval-mode forward, one per timed step."""
+    device = groups[0].device
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + steps):
+            synchronize(device)
+            t0 = time.perf_counter()
+            model(groups)
+            synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return times
+
+
+def cmd_moe(args: argparse.Namespace) -> dict:
+    """Per ratio r, the gates are forced to exactly k = round(N_e * r) active experts per (token, sample)
+    (top-k of h_infer's logits, ReLU gate values: `SparseMoEFFN.inference_top_k`), then the same model is
+    timed with sparse inference and with dense inference. Dense and sparse runs alternate per ratio so both
+    see the same load on a shared machine."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    fields = load_preset(args.preset)
+    if fields.get("ffn") != "smoe":
+        raise ValueError(f"{args.preset}: the moe benchmark needs a preset with ffn: smoe")
+    group_dims = [args.group_width] * (args.input_width // args.group_width)
+    cfg = RankMixerConfig(group_dims=group_dims, num_tasks=args.num_tasks, **fields)
+    model = RankMixer(cfg).to(device).eval()
+    ffns = [m for m in model.modules() if isinstance(m, SparseMoEFFN)]
+    groups = [torch.randn(args.batch_size, d, device=device) for d in group_dims]
+    num_experts = cfg.moe_num_experts
+    dense_rows = cfg.num_tokens * num_experts * args.batch_size * len(ffns)
+    rows = []
+    for ratio in args.ratios:
+        k = max(1, round(num_experts * ratio))
+        for ffn in ffns:
+            ffn.inference_top_k = k
+        timings = {}
+        for mode in ("sparse", "dense"):
+            for ffn in ffns:
+                ffn.sparse_inference = mode == "sparse"
+            timings[mode] = statistics.median(time_inference(model, groups, args.steps, args.warmup))
+            if mode == "sparse":
+                computed_rows = sum(ffn.last_sparse_rows for ffn in ffns)
+                active_pairs = sum(ffn.last_active_pairs for ffn in ffns)
+        rows.append(
+            {
+                "target_ratio": ratio,
+                "k": k,
+                "active_ratio": active_pairs / dense_rows,
+                "computed_row_frac": computed_rows / dense_rows,  # padding of capacity classes included
+                "sparse_samples_per_s": args.batch_size / timings["sparse"],
+                "dense_samples_per_s": args.batch_size / timings["dense"],
+                "speedup": timings["dense"] / timings["sparse"],
+                "sparse_gflop_per_sample": model.flops_per_sample(k / num_experts) / 1e9,
+                "dense_gflop_per_sample": model.flops_per_sample() / 1e9,
+            }
+        )
+    result = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "preset": args.preset,
+        "batch_size": args.batch_size,
+        "params": model.num_params(),
+        "input_width": cfg.input_width,
+        "config": {k: v for k, v in vars(cfg).items() if k != "group_dims"},
+        "rows": rows,
+    }
+    print(
+        f"device={result['device']} threads={result['threads']} preset={args.preset} "
+        f"params={result['params']:,} batch={args.batch_size} experts/token={num_experts}"
+    )
+    # active: active (slot, sample) pairs / all; rows: rows computed (capacity padding included) / all;
+    # sparse GF / dense GF: forward GFLOP per sample, expected at k / N_e and dense-activated
+    header = ("ratio", "k", "active", "rows", "sparse/s", "dense/s", "speedup", "sparse GF", "dense GF")
+    print("".join(f"{h:>12}" for h in header))
+    for r in rows:
+        cells = (
+            f"{r['target_ratio']:g}",
+            r["k"],
+            f"{r['active_ratio']:.3f}",
+            f"{r['computed_row_frac']:.3f}",
+            f"{r['sparse_samples_per_s']:.1f}",
+            f"{r['dense_samples_per_s']:.1f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['sparse_gflop_per_sample']:.4g}",
+            f"{r['dense_gflop_per_sample']:.4g}",
+        )
+        print("".join(f"{c:>12}" for c in cells))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _ratios(text: str) -> list[float]:
+    ratios = [float(r) for r in text.split(",") if r.strip()]
+    if not ratios or not all(0.0 < r <= 1.0 for r in ratios):
+        raise argparse.ArgumentTypeError(f"ratios must be in (0, 1], got {text!r}")
+    return ratios
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -274,6 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dense.add_argument("--json", default=None, help="write the figures to this JSON file")
     dense.set_defaults(func=cmd_dense)
+
+    moe = sub.add_parser("moe", help="Sparse-MoE RankMixer: sparse vs dense inference samples/s per ratio")
+    moe.add_argument("--preset", default="rankmixer_small_smoe", help="conf/model/<preset>.yaml or a path")
+    moe.add_argument("--batch-size", type=int, default=512)
+    moe.add_argument("--ratios", type=_ratios, default=[1.0, 0.5, 0.25, 0.125], help="e.g. 1,0.5,0.25")
+    moe.add_argument("--steps", type=int, default=10, help="timed forwards per mode and ratio (median)")
+    moe.add_argument("--warmup", type=int, default=2)
+    moe.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    moe.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    moe.add_argument("--input-width", type=int, default=4096, help="tokenizer input width W")
+    moe.add_argument("--group-width", type=int, default=256, help="width of each semantic group")
+    moe.add_argument("--num-tasks", type=int, default=2)
+    moe.add_argument("--json", default=None, help="write the figures to this JSON file")
+    moe.set_defaults(func=cmd_moe)
 
     # The loader's options live with it (data/loader_bench.py imports nothing heavy at module level).
     loader = sub.add_parser("loader", help="Parquet reader -> RecBatch throughput (rows/s) on one core")

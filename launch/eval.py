@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch.cli import exit_on_user_error
 from launch.report import print_report
-from pipeline.config import EvalConfig
+from pipeline.config import EvalConfig, reject_unknown_keys
 from pipeline.eval_job import run_eval
 
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
@@ -17,6 +17,7 @@ ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 @hydra.main(version_base=None, config_path="../conf", config_name="eval")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    reject_unknown_keys(cfg)
     config: EvalConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     result = run_eval(config)
     print_report(result, config.data.root, title=f"eval of {result['checkpoint']} on {config.data.split}")

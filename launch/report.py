@@ -34,6 +34,12 @@ def print_report(summary: dict[str, Any], data_root: str, title: str | None = No
             f"{t:<10}{auc:>8.4f}{oa:>8.4f}{auc - oa:>8.4f}{uauc:>8.4f}{ou:>8.4f}{uauc - ou:>8.4f}"
             f"{metrics[f'{t}/uauc_weighted']:>8.4f}"
         )
+    if "test_dense_inference" in summary:  # Sparse-MoE: serving (sparse) vs all-experts (dense) inference
+        dense = summary["test_dense_inference"]
+        print(
+            "  Sparse-MoE, same model with dense inference (every expert computed): "
+            + " | ".join(f"{t} AUC {dense[f'{t}/auc']:.4f} UAUC {dense[f'{t}/uauc']:.4f}" for t in tasks)
+        )
     extra = []
     if summary.get("train_samples_per_s"):
         extra.append(

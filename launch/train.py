@@ -11,15 +11,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch.cli import exit_on_user_error
 from launch.report import print_report
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, model_preset_schemas, reject_unknown_keys
 from pipeline.train_loop import train
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+for _name, _node in model_preset_schemas().items():
+    ConfigStore.instance().store(group="model", name=_name, node=_node)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    reject_unknown_keys(cfg)
     config: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     summary = train(config)
     if "test" in summary:

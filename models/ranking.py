@@ -17,7 +17,6 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -35,9 +34,14 @@ DENSE_ARCHS: dict[str, tuple[type, type[nn.Module]]] = {
 }
 
 
-def dense_arch_config(model_cfg: Mapping[str, Any], group_dims: list[int], num_tasks: int) -> Any:
+def _as_dict(model_cfg: Any) -> dict[str, Any]:
+    """A model config as a plain dict: Hydra hands over a typed preset dataclass, a checkpoint a mapping."""
+    return dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
+
+
+def dense_arch_config(model_cfg: Any, group_dims: list[int], num_tasks: int) -> Any:
     """The typed config of the dense arch named by `model_cfg["arch"]`, with the schema-derived fields set."""
-    params = dict(model_cfg)
+    params = _as_dict(model_cfg)
     arch = params.pop("arch", "rankmixer")
     if arch not in DENSE_ARCHS:
         raise ValueError(f"model.arch: unknown arch {arch!r} (known: {', '.join(sorted(DENSE_ARCHS))})")
@@ -49,9 +53,8 @@ def dense_arch_config(model_cfg: Mapping[str, Any], group_dims: list[int], num_t
     return config_cls(**{**params, "group_dims": list(group_dims), "num_tasks": num_tasks})
 
 
-def build_dense_arch(model_cfg: Mapping[str, Any], group_dims: list[int], num_tasks: int) -> nn.Module:
-    arch = model_cfg.get("arch", "rankmixer")
-    _, module_cls = DENSE_ARCHS[arch]
+def build_dense_arch(model_cfg: Any, group_dims: list[int], num_tasks: int) -> nn.Module:
+    _, module_cls = DENSE_ARCHS[_as_dict(model_cfg).get("arch", "rankmixer")]
     return module_cls(dense_arch_config(model_cfg, group_dims, num_tasks))
 
 
@@ -110,7 +113,7 @@ class RankingModel(nn.Module):
     def __init__(
         self,
         schema: Schema,
-        model_cfg: Mapping[str, Any],
+        model_cfg: Any,
         dense_proj_dim: int = 16,
         device: torch.device | None = None,
     ) -> None:
@@ -127,6 +130,7 @@ class RankingModel(nn.Module):
 
 class RankingOutput(NamedTuple):
     task_losses: torch.Tensor  # (num_tasks,) detached mean BCE per task
+    aux_loss: torch.Tensor  # () detached auxiliary loss of the dense arch (Sparse-MoE L_reg term), 0 if none
     logits: torch.Tensor  # (B, num_tasks) detached
     labels: torch.Tensor  # (B, num_tasks)
     user_id: torch.Tensor  # (B,)
@@ -145,6 +149,9 @@ class RankingTrainWrapper(nn.Module):
         # here, not from the batch: TrainPipelineSparseDist fx-traces this forward, so it must be static.
         self.autocast_dtype = autocast_dtype
         self.device_type = device_type
+        # Dense archs with an auxiliary objective (Sparse-MoE: lambda * L_reg, or a balance loss) expose
+        # `aux_loss()`, the term of their most recent training forward; decided once, so tracing is static.
+        self.has_aux = callable(getattr(model.dense_arch, "aux_loss", None))
 
     def forward(self, batch: RecBatch) -> tuple[torch.Tensor, RankingOutput]:
         if self.autocast_dtype is None:
@@ -157,6 +164,11 @@ class RankingTrainWrapper(nn.Module):
         bce = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
         task_losses = (bce * weight).sum(0) / weight.sum().clamp_min(1.0)  # (num_tasks,)
         loss = task_losses.sum()
-        return loss, RankingOutput(
-            task_losses.detach(), logits.detach(), batch.labels, batch.user_id, batch.mask
+        aux = self.model.dense_arch.aux_loss() if self.has_aux and self.training else None
+        if aux is not None:
+            loss = loss + aux
+        aux_value = aux.detach() if aux is not None else torch.zeros((), device=loss.device)
+        output = RankingOutput(
+            task_losses.detach(), aux_value, logits.detach(), batch.labels, batch.user_id, batch.mask
         )
+        return loss, output

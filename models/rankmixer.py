@@ -9,8 +9,9 @@ Design choices:
 2. One batched matmul per linear for all T tokens: weights are stored stacked, (T, D, kD) and
    (T, kD, D), never as T modules in a loop.
 3. Token mixing is parameter free with H = T (eq. 3-5): a reshape + permute.
-4. The FFN is a swappable module with the contract (T, B, D) -> (T, B, D); the Sparse-MoE FFN will
-   plug in through `build_ffn`.
+4. The FFN is a swappable module with the contract (T, B, D) -> (T, B, D); the Sparse-MoE FFN
+   (models/moe.py, ffn="smoe") plugs in through `build_ffn`. For it, `flops_per_sample()` is the
+   dense-activated count (every expert) and `flops_per_sample(active_ratio)` the expected activated count.
 5. Post-LN blocks exactly as eq. 1: S = LN(TM(X) + X); X' = LN(PFFN(S) + S).
 6. Init: every weight ~ N(0, 1/fan_in) so a sublayer maps unit-variance inputs to unit-variance
    outputs; the second FFN linear is further scaled by 1/sqrt(2L) (GPT-2 style) so that even the
@@ -33,9 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.heads import MultiTaskHead
+from models.moe import DTSI_MIXES, ROUTERS, SparseMoEFFN, top_k_for
 
 TOKEN_MIXINGS = ("multi_head", "none", "self_attention", "all_concat_mlp", "all_share")
-FFNS = ("per_token", "shared")
+FFNS = ("per_token", "shared", "smoe")
 
 
 @dataclass
@@ -49,12 +51,23 @@ class RankMixerConfig:
     ffn_mult: int = 2  # k: FFN hidden width is k * D
     # multi_head (paper) | none (table 2) | self_attention | all_concat_mlp | all_share (table 3)
     token_mixing: str = "multi_head"
-    ffn: str = "per_token"  # per_token (paper) | shared (table 2: one FFN for all tokens)
+    # per_token (paper) | shared (table 2: one FFN for all tokens) | smoe (section 3.4, models/moe.py)
+    ffn: str = "per_token"
     residual: bool = True  # table 2: "w/o skip connections" when False
     layer_norm: bool = True  # table 2: "w/o layer normalization" when False
     head_hidden: list[int] = field(default_factory=list)  # per-task tower hidden sizes ([] = one linear)
     dropout: float = 0.0  # on the FFN hidden activation and the FFN output
     attention_heads: int = 0  # heads for token_mixing=self_attention; 0 means T (must divide D)
+    # Sparse-MoE (ffn=smoe): N_e experts per token, each D -> moe_expert_mult * D -> D
+    moe_num_experts: int = 4
+    moe_expert_mult: float = 1.0  # k_e; k_e * D must be an integer
+    moe_router: str = "relu_dtsi"  # relu_dtsi (paper: ReLU gates + DTSI) | topk | topk_balanced (baselines)
+    moe_top_k: int = 0  # top-k baselines; 0 means round(moe_num_experts * moe_active_ratio)
+    moe_active_ratio: float = 0.5  # target fraction of active experts (figure 3: 1, 1/2, 1/4, 1/8)
+    moe_lambda_init: float = 1e-3  # initial L_reg coefficient (adapted every training step)
+    moe_lambda_lr: float = 0.1  # lambda *= exp(lr * sign(active - target)) per training step
+    moe_balance_coef: float = 0.01  # Switch load-balancing loss weight (topk_balanced)
+    moe_dtsi_mix: str = "infer_value"  # how h_infer gets the task gradient (see models/moe.py)
 
     def __post_init__(self) -> None:
         if self.token_mixing not in TOKEN_MIXINGS:
@@ -65,6 +78,19 @@ class RankMixerConfig:
             raise ValueError(f"multi-head token mixing uses H = T heads: D={self.dim} % T={self.num_tokens}")
         if self.token_mixing == "self_attention" and self.dim % self.num_attention_heads:
             raise ValueError(f"D={self.dim} not divisible by {self.num_attention_heads} attention heads")
+        if self.ffn == "smoe":
+            if self.token_mixing == "all_concat_mlp":
+                raise ValueError("ffn=smoe replaces the per-token FFN; all_concat_mlp has none")
+            if self.moe_router not in ROUTERS:
+                raise ValueError(f"moe_router must be one of {ROUTERS}, got {self.moe_router!r}")
+            if self.moe_dtsi_mix not in DTSI_MIXES:
+                raise ValueError(f"moe_dtsi_mix must be one of {DTSI_MIXES}, got {self.moe_dtsi_mix!r}")
+            if not 0.0 < self.moe_active_ratio <= 1.0:
+                raise ValueError(f"moe_active_ratio must be in (0, 1], got {self.moe_active_ratio}")
+            if abs(self.moe_expert_mult * self.dim - self.moe_expert_hidden) > 1e-6:
+                raise ValueError(f"moe_expert_mult * dim = {self.moe_expert_mult * self.dim}: not an integer")
+            if not 1 <= self.moe_k <= self.moe_num_experts:
+                raise ValueError(f"moe top-k {self.moe_k} not in [1, {self.moe_num_experts}]")
 
     @property
     def num_attention_heads(self) -> int:
@@ -73,6 +99,22 @@ class RankMixerConfig:
     @property
     def input_width(self) -> int:
         return sum(self.group_dims)
+
+    @property
+    def moe_expert_hidden(self) -> int:
+        return round(self.moe_expert_mult * self.dim)
+
+    @property
+    def moe_k(self) -> int:
+        """k of the top-k routers."""
+        return top_k_for(self.moe_num_experts, self.moe_active_ratio, self.moe_top_k)
+
+    @property
+    def moe_expected_active_ratio(self) -> float:
+        """Fraction of experts active per (token, sample) at the target: k / N_e for top-k routers."""
+        if self.moe_router == "relu_dtsi":
+            return self.moe_active_ratio
+        return self.moe_k / self.moe_num_experts
 
 
 def _init_linear_(weight: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
@@ -112,7 +154,8 @@ class SemanticTokenizer(nn.Module):
         if len(groups) != len(self.group_dims):
             raise ValueError(f"expected {len(self.group_dims)} groups, got {len(groups)}")
         widths = [g.shape[-1] for g in groups]
-        if widths != self.group_dims:
+        # under fx symbolic tracing the widths are proxies and cannot be compared
+        if not any(isinstance(g, torch.fx.Proxy) for g in groups) and widths != self.group_dims:
             raise ValueError(f"group widths {widths} != schema group_dims {self.group_dims}")
         e_input = torch.cat(groups, dim=-1)  # (B, W)
         batch = e_input.shape[0]
@@ -239,6 +282,21 @@ def build_token_mixing(cfg: RankMixerConfig) -> nn.Module | None:
 def build_ffn(cfg: RankMixerConfig) -> nn.Module:
     """The FFN sublayer, contract (T, B, D) -> (T, B, D); the Sparse-MoE FFN plugs in here."""
     args = dict(dropout=cfg.dropout, num_layers=cfg.num_layers)
+    if cfg.ffn == "smoe":
+        return SparseMoEFFN(
+            cfg.num_tokens,
+            cfg.dim,
+            cfg.moe_num_experts,
+            cfg.moe_expert_hidden,
+            router=cfg.moe_router,
+            active_ratio=cfg.moe_active_ratio,
+            top_k=cfg.moe_top_k,
+            lambda_init=cfg.moe_lambda_init,
+            lambda_lr=cfg.moe_lambda_lr,
+            balance_coef=cfg.moe_balance_coef,
+            dtsi_mix=cfg.moe_dtsi_mix,
+            **args,
+        )
     if cfg.token_mixing == "all_concat_mlp":
         return ConcatMLP(cfg.num_tokens, cfg.dim, cfg.ffn_mult, **args)
     if cfg.ffn == "shared":
@@ -289,13 +347,37 @@ class RankMixer(nn.Module):
         """Dense parameters actually in the module (works on the meta device)."""
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_sample(self) -> float:
-        """Forward matmul FLOPs for one sample, from the config (multiply-add = 2)."""
-        return sum(flops_breakdown(self.cfg).values())
+    def flops_per_sample(self, active_ratio: float | None = None) -> float:
+        """Forward matmul FLOPs for one sample, from the config (multiply-add = 2). For ffn=smoe: None =
+        dense-activated (every expert computed), a float = expected FLOPs with that fraction of experts
+        active (`self.cfg.moe_expected_active_ratio` is the training target)."""
+        return sum(flops_breakdown(self.cfg, active_ratio).values())
+
+    def moe_ffns(self) -> list[SparseMoEFFN]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, SparseMoEFFN)]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum over blocks of the Sparse-MoE auxiliary losses of the last training forward (lambda * L_reg
+        or the balance loss); None when there is none (dense FFNs, plain top-k). Add it to the task loss."""
+        losses = [loss for loss in (ffn.aux_loss() for ffn in self.moe_ffns()) if loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def moe_stats(self) -> dict[str, float]:
+        """Per block Sparse-MoE stats ("block{i}/{name}") of the last forward, plus their block mean."""
+        stats: dict[str, float] = {}
+        per_block = [ffn.stats() for ffn in self.moe_ffns()]
+        for i, block_stats in enumerate(per_block):
+            stats.update({f"block{i}/{k}": v for k, v in block_stats.items()})
+        if per_block:
+            stats["active_ratio"] = sum(s["active_ratio"] for s in per_block) / len(per_block)
+        return stats
 
 
-def flops_breakdown(cfg: RankMixerConfig) -> dict[str, float]:
-    """Forward matmul FLOPs per sample by part. `blocks_ffn` is the term eq. 12 covers (4kLTD^2)."""
+def flops_breakdown(cfg: RankMixerConfig, active_ratio: float | None = None) -> dict[str, float]:
+    """Forward matmul FLOPs per sample by part. `blocks_ffn` is the term eq. 12 covers (4kLTD^2). For
+    ffn=smoe, `blocks_ffn` is 4 k_e N_e L T D^2 times the active ratio (None = 1: dense-activated), plus the
+    inference router (2 L T D N_e) and the gate mix (2 L T N_e D times the ratio): inference FLOPs, the
+    training forward also runs h_train (relu_dtsi) and a second mix."""
     T, D, L, k = cfg.num_tokens, cfg.dim, cfg.num_layers, cfg.ffn_mult
     W = cfg.input_width
     chunk = math.ceil(W / T)
@@ -307,8 +389,15 @@ def flops_breakdown(cfg: RankMixerConfig) -> dict[str, float]:
     # per-token, shared and concat FFNs all do 2 * (D x kD) matmuls per token: 4kTD^2 per layer
     blocks_ffn = L * 4 * k * T * D * D
     head = MultiTaskHead.flops_per_sample_for(D, cfg.num_tasks, cfg.head_hidden)
-    return {"tokenizer": float(tokenizer), "mixing": float(mixing), "blocks_ffn": float(blocks_ffn),
-            "head": float(head)}  # fmt: skip
+    parts = {"tokenizer": float(tokenizer), "mixing": float(mixing), "blocks_ffn": float(blocks_ffn),
+             "head": float(head)}  # fmt: skip
+    if cfg.ffn == "smoe":
+        ratio = 1.0 if active_ratio is None else active_ratio
+        E, H = cfg.moe_num_experts, cfg.moe_expert_hidden
+        parts["blocks_ffn"] = L * 4 * T * E * D * H * ratio
+        parts["moe_router"] = float(L * 2 * T * D * E)
+        parts["moe_gate_mix"] = L * 2 * T * E * D * ratio
+    return parts
 
 
 def expected_num_params(cfg: RankMixerConfig) -> dict[str, int]:
@@ -323,6 +412,10 @@ def expected_num_params(cfg: RankMixerConfig) -> dict[str, int]:
         ffn = 2 * k * T * D * D + k * D + T * D
     elif cfg.ffn == "shared":
         ffn = 2 * k * D * D + k * D + D
+    elif cfg.ffn == "smoe":
+        E, H = cfg.moe_num_experts, cfg.moe_expert_hidden
+        num_routers = 2 if cfg.moe_router == "relu_dtsi" else 1  # h_infer (+ h_train)
+        ffn = T * E * (2 * D * H + H + D) + num_routers * T * (D * E + E)
     else:
         ffn = 2 * k * T * D * D + T * k * D + T * D
     mixing = 4 * D * D + 4 * D if cfg.token_mixing == "self_attention" else 0

@@ -7,8 +7,49 @@ that arch's dataclass in `models.ranking.dense_arch_config` when the model is bu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_type_hints
+
+
+def reject_unknown_keys(cfg: Any, path: str = "") -> None:
+    """Raise naming every key that a typed (dataclass) node does not declare. Hydra's `+key=value` appends
+    to a typed node, and `OmegaConf.to_object` then drops the key without a word: a typo'd
+    `+model.num_tokenz=4` would train a different model than asked for."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(cfg, DictConfig):
+        return
+    node_type = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(node_type):
+        unknown = sorted(set(cfg.keys()) - {f.name for f in dataclasses.fields(node_type)})
+        if unknown:
+            raise ValueError(f"{path or 'config'}: unknown key(s) {unknown} for {node_type.__name__}")
+    for key in cfg.keys():
+        reject_unknown_keys(cfg._get_node(key), f"{path}.{key}" if path else str(key))
+
+
+def model_preset_schemas() -> dict[str, type]:
+    """Per dense arch, a typed Hydra node `model/<arch>_base`: `arch` plus every field of the arch's config
+    dataclass except those filled in from the schema. Presets in conf/model/ extend it (defaults list), so
+    any field can be overridden (`model.moe_num_experts=8`) and a wrong type or unknown key is an error."""
+    from models.ranking import DENSE_ARCHS  # the dense archs' own configs are the source of truth
+
+    schemas = {}
+    for arch, (config_cls, _) in DENSE_ARCHS.items():
+        types = get_type_hints(config_cls)  # real types: the model modules use postponed annotations
+        fields = [("arch", str, field(default=arch))]
+        for f in dataclasses.fields(config_cls):
+            if f.name in ("group_dims", "num_tasks"):
+                continue
+            default = (
+                {"default": f.default}
+                if f.default is not dataclasses.MISSING
+                else {"default_factory": f.default_factory}
+            )
+            fields.append((f.name, types[f.name], field(**default)))
+        schemas[f"{arch}_base"] = dataclasses.make_dataclass(f"{config_cls.__name__}Preset", fields)
+    return schemas
 
 
 @dataclass

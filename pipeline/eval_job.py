@@ -14,7 +14,7 @@ from data.schema import Schema
 from pipeline.checkpoint import load_checkpoint_into, resolve_checkpoint
 from pipeline.config import EvalConfig, TrainConfig
 from pipeline.dist import init_distributed
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import evaluate_inference_modes
 from pipeline.run_log import setup_logging
 from pipeline.train_loop import build_model, make_reader, seed_everything, write_json_atomic
 
@@ -46,12 +46,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     reader = make_reader(run_cfg, schema, info, cfg.data.split, train=False)
     out_dir = Path(cfg.output) if cfg.output else checkpoint / f"eval_{cfg.data.split}"
     preds = out_dir / "predictions" / f"part-{info.rank:05d}.parquet" if cfg.save_predictions else None
-    metrics = evaluate(dmp, reader, info.device, list(schema.labels), cfg.max_batches, predictions_path=preds)
+    metrics = evaluate_inference_modes(dmp, reader, info.device, list(schema.labels), cfg.max_batches, preds)
     result = {
         "checkpoint": str(checkpoint),
         "split": cfg.data.split,
         "world_size": info.world_size,
-        "test": metrics,
+        **metrics,
     }
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

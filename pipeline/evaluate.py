@@ -57,6 +57,34 @@ def evaluate(
     return metrics
 
 
+def moe_ffns(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The Sparse-MoE FFNs of a model (modules with a `sparse_inference` switch)."""
+    return [m for m in model.modules() if hasattr(m, "sparse_inference")]
+
+
+def evaluate_inference_modes(
+    model: torch.nn.Module,
+    reader: ParquetReader,
+    device: torch.device,
+    task_names: list[str],
+    max_batches: int = -1,
+    predictions_path: Path | None = None,
+) -> dict[str, dict[str, float]]:
+    """{"test": metrics}; for a Sparse-MoE model also {"test_dense_inference": ...}. "test" is what serving
+    computes: sparse inference (inactive experts skipped); dense inference computes every expert with the
+    same gates, so the two differ only by numerics -- a large gap means the sparse path is wrong."""
+    moes = moe_ffns(model)
+    result = {}
+    if moes:
+        for m in moes:
+            m.sparse_inference = False
+        result["test_dense_inference"] = evaluate(model, reader, device, task_names, max_batches)
+        for m in moes:
+            m.sparse_inference = True
+    result["test"] = evaluate(model, reader, device, task_names, max_batches, predictions_path)
+    return result
+
+
 def write_predictions(path: Path, preds: list[dict[str, torch.Tensor]], task_names: list[str]) -> None:
     cols: dict[str, pa.Array] = {"user_id": pa.array(torch.cat([p["user_id"] for p in preds]).numpy())}
     labels = torch.cat([p["labels"] for p in preds])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -94,10 +93,3 @@ def shard_model(
 
 def table_names(schema) -> list[str]:  # noqa: ANN001 - data.schema.Schema
     return [c.name for c in embedding_bag_configs(schema)]
-
-
-def unwrap(dmp: DistributedModelParallel) -> nn.Module:
-    """The user module inside DMP (and its DDP wrapper)."""
-    return (
-        dmp.module.module if isinstance(dmp.module, torch.nn.parallel.DistributedDataParallel) else dmp.module
-    )

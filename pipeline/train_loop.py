@@ -30,7 +30,7 @@ from models.ranking import RankingModel, RankingTrainWrapper
 from pipeline.checkpoint import CheckpointManager, agree_on_path
 from pipeline.config import TrainConfig
 from pipeline.dist import DistInfo, broadcast_object, init_distributed
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import evaluate, evaluate_inference_modes
 from pipeline.optim import build_optimizer, fuse_sparse_optimizer, set_initial_accumulator
 from pipeline.run_log import RunLog, setup_logging
 from pipeline.sharding import shard_model, table_names
@@ -203,7 +203,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             pos.step += 1
             pos.step_in_epoch += 1
             window_steps += 1
-            window_loss = out.task_losses if window_loss is None else window_loss + out.task_losses
+            step_losses = torch.cat([out.task_losses, out.aux_loss.reshape(1)])  # (num_tasks + 1,)
+            window_loss = step_losses if window_loss is None else window_loss + step_losses
             bar.update(1)
             if pos.step % cfg.trainer.log_every == 0 or pos.step == total_steps:
                 elapsed = time.perf_counter() - window_t
@@ -211,11 +212,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 rate = window_steps * cfg.data.batch_size / elapsed
                 record = {f"{t}/loss": float(losses[i]) for i, t in enumerate(task_names)}
                 record.update(
-                    loss=float(losses.sum()),
+                    loss=float(losses[:-1].sum()),
+                    aux_loss=float(losses[-1]),
                     samples_per_s_per_rank=rate,
                     samples_per_s=rate * info.world_size,
                     epoch=pos.epoch,
                 )
+                record.update({f"moe/{k}": v for k, v in moe_stats(dmp).items()})
                 runlog.log("train", pos.step, record)
                 if info.is_main:
                     log.info(
@@ -228,6 +231,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         record["samples_per_s"],
                         info.world_size,
                     )
+                    if "moe/active_ratio" in record:
+                        log.info(
+                            "  moe: aux loss %.4f, active ratio %.3f, %s",
+                            record["aux_loss"],
+                            record["moe/active_ratio"],
+                            " ".join(f"{k[4:]} {v:.3g}" for k, v in record.items() if "lambda" in k),
+                        )
                 train_time += elapsed
                 train_steps += window_steps
                 window_t, window_steps, window_loss = time.perf_counter(), 0, None
@@ -269,7 +279,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if cfg.trainer.save_predictions
             else None
         )
-        summary["test"] = evaluate(dmp, test_reader, info.device, task_names, predictions_path=preds)
+        summary.update(evaluate_inference_modes(dmp, test_reader, info.device, task_names, -1, preds))
         summary["split"] = cfg.data.split
         runlog.log("test", pos.step, summary["test"])
     if info.is_main:
@@ -310,6 +320,12 @@ class StepProfiler:
                 table,
             )
             self.prof = None
+
+
+def moe_stats(dmp: torch.nn.Module) -> dict[str, float]:
+    """Sparse-MoE routing stats of this rank's last training forward (lambda, active ratio, expert use)."""
+    stats = getattr(dmp.module.model.dense_arch, "moe_stats", None)
+    return stats() if callable(stats) else {}
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from launch.bench import load_preset
 from models.heads import MultiTaskHead
 from models.rankmixer import (
     TOKEN_MIXINGS,
@@ -264,9 +265,7 @@ PAPER_GROUP_DIMS = [4096] * 10
 
 
 def _preset_cfg(name: str) -> RankMixerConfig:
-    fields = yaml.safe_load((REPO_ROOT / "conf/model" / f"{name}.yaml").read_text())
-    fields.pop("arch")
-    return RankMixerConfig(group_dims=PAPER_GROUP_DIMS, num_tasks=2, **fields)
+    return RankMixerConfig(group_dims=PAPER_GROUP_DIMS, num_tasks=2, **load_preset(name))
 
 
 def _meta_model(cfg: RankMixerConfig) -> RankMixer:
@@ -314,9 +313,8 @@ def test_every_preset_loads_as_a_rankmixer_config() -> None:
     }
     allowed = {f.name for f in dataclasses.fields(RankMixerConfig)} - {"group_dims", "num_tasks"}
     for path in presets:
-        assert path.read_text().splitlines()[0] == "arch: rankmixer"
-        fields = yaml.safe_load(path.read_text())
-        fields.pop("arch")
+        assert "rankmixer_base" in yaml.safe_load(path.read_text())["defaults"]  # typed Hydra node
+        fields = load_preset(str(path))  # checks arch: rankmixer
         assert set(fields) <= allowed, f"{path.name}: unexpected fields {set(fields) - allowed}"
         RankMixerConfig(group_dims=[64], **fields)
     tiny = _meta_model(RankMixerConfig(group_dims=[256], **_fields("rankmixer_tiny")))
@@ -324,9 +322,7 @@ def test_every_preset_loads_as_a_rankmixer_config() -> None:
 
 
 def _fields(name: str) -> dict:
-    fields = yaml.safe_load((REPO_ROOT / "conf/model" / f"{name}.yaml").read_text())
-    fields.pop("arch")
-    return fields
+    return load_preset(name)
 
 
 def test_tiny_model_fits_a_learnable_target_with_rmsprop() -> None:

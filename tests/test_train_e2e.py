@@ -71,6 +71,20 @@ def train_cmd(dataset: Path, run_dir: Path, *overrides: str, nproc: int = 2) -> 
     ]
 
 
+def eval_cmd(dataset: Path, checkpoint: Path, out: Path, *overrides: str) -> list[str]:
+    """`launch/eval.py` on 1 rank: the eval job reshards whatever world size the checkpoint was saved on."""
+    return [
+        *TORCHRUN,
+        "--nproc_per_node",
+        "1",
+        "launch/eval.py",
+        f"checkpoint={checkpoint}",
+        f"data.root={dataset}",
+        f"output={out}",
+        *overrides,
+    ]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
@@ -125,21 +139,7 @@ def test_two_rank_training_learns_resumes_exactly_and_evaluates_on_one_rank(data
 
     # The 2-rank checkpoint evaluated on 1 rank (tables resharded by DCP) gives the same exact metrics.
     out = tmp_path / "eval1"
-    ok(
-        run(
-            [
-                *TORCHRUN,
-                "--nproc_per_node",
-                "1",
-                "launch/eval.py",
-                f"checkpoint={full}",
-                f"data.root={dataset}",
-                "data.split=test",
-                f"output={out}",
-                "save_predictions=true",
-            ]
-        )
-    )
+    ok(run(eval_cmd(dataset, full, out, "data.split=test", "save_predictions=true")))
     evaluated = json.loads((out / "metrics.json").read_text())
     assert evaluated["world_size"] == 1
     for key in ("finish/auc", "skip/auc", "finish/uauc", "skip/uauc_weighted", "rows"):
@@ -187,3 +187,58 @@ def test_missing_dataset_split_names_the_directory(tmp_path: Path):
     )
     assert proc.returncode != 0
     assert str(missing / "train") in proc.stderr
+
+
+SMOE = [
+    "model.ffn=smoe",
+    "model.moe_num_experts=4",
+    "model.moe_active_ratio=0.5",
+    "model.moe_router=relu_dtsi",
+]
+
+
+def records(run_dir: Path, kind: str) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == kind}
+
+
+def test_sparse_moe_run_logs_routing_resumes_exactly_and_evaluates_sparse_and_dense(
+    dataset: Path, tmp_path: Path
+):
+    steps = 20
+    full = tmp_path / "full"
+    ok(
+        run(
+            train_cmd(
+                dataset, full, *SMOE, f"trainer.max_steps={2 * steps}", f"trainer.checkpoint_every={steps}"
+            )
+        )
+    )
+    part = tmp_path / "part"
+    ok(run(train_cmd(dataset, part, *SMOE, f"trainer.max_steps={steps}", "trainer.final_eval=false")))
+    ok(run(train_cmd(dataset, part, *SMOE, f"trainer.max_steps={2 * steps}", "trainer.resume=auto")))
+    a, b = records(full, "train"), records(part, "train")
+    for step in (30, 40):  # task loss, lambda * L_reg and the lambda controller's state all resume exactly
+        for key in ("loss", "aux_loss", "moe/block0/lambda", "moe/active_ratio"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert a[40]["aux_loss"] > 0 and 0 < a[40]["moe/active_ratio"] <= 1
+
+    out = tmp_path / "eval1"
+    ok(run(eval_cmd(dataset, full, out)))
+    evaluated = json.loads((out / "metrics.json").read_text())
+    trained = json.loads((full / "metrics.json").read_text())
+    for mode in ("test", "test_dense_inference"):  # serving (sparse) and all-experts (dense) inference
+        for key in ("finish/auc", "skip/uauc"):
+            assert evaluated[mode][key] == pytest.approx(trained[mode][key], abs=1e-5), (mode, key)
+    # The same gates either way: sparse inference only skips experts whose gate is 0.
+    assert evaluated["test"]["finish/auc"] == pytest.approx(
+        evaluated["test_dense_inference"]["finish/auc"], abs=1e-4
+    )
+
+
+def test_model_override_of_a_preset_field_is_type_checked(dataset: Path):
+    proc = run(
+        [sys.executable, "launch/train.py", f"data.root={dataset}", "model.moe_num_experts=many"], timeout=120
+    )
+    assert proc.returncode != 0
+    assert "moe_num_experts" in proc.stderr

@@ -1,0 +1,311 @@
+"""Sparse-MoE per-token FFN for RankMixer (Zhu et al., CIKM'25, section 3.4, eq. 10-11), pure torch.
+
+Token t has N_e experts e_{t,j}: D -> k_e D -> D GELU MLPs, mixed by non-negative gates G:
+v_t = sum_j G_{t,j} e_{t,j}(s_t) (eq. 10). Drop-in for `PerTokenFFN`: (T, B, D) -> (T, B, D).
+
+Design choices:
+1. Stacked expert weights (T, N_e, D, k_e D) and (T, N_e, k_e D, D), viewed as T * N_e "slots". Training
+   computes every slot for every sample (dense training) in ONE baddbmm per layer over (T * N_e) batches.
+2. Routers are per-token linears D -> N_e, stacked (T, D, N_e): one baddbmm per router for all tokens.
+   `router_*` is h_infer (the only router used at inference, in every mode); `train_router_*` is h_train
+   (relu_dtsi only).
+3. relu_dtsi (paper): G = ReLU(h(s)) for both routers; L_reg (eq. 11) = sum over tokens and experts of
+   G_infer, averaged over the samples of the batch (eq. 11 per sample), so lambda is in loss units per unit
+   of gate mass and does not depend on the batch size. aux_loss() = lambda * L_reg; it reaches h_infer only.
+4. How h_infer gets the task gradient (the paper leaves it open; `dtsi_mix`):
+   - "infer_value" (default): v = sum_j G_infer_j e_j + ST(sum_j G_train_j e_j), ST(z) = z - z.detach().
+     The forward VALUE is exactly the inference computation (zero train/serve gap: eval AUC measures what
+     was trained), so h_infer gets the exact task gradient and its gate magnitudes are fitted by the loss.
+     The zero-valued ST term makes training dense: every expert with G_train > 0 gets the task gradient
+     G_train_j * dL/dv (also the ones h_infer switched off, so no expert starves, as DTSI intends), and
+     h_train gets the task gradient <dL/dv, e_j> and no L_reg gradient. Caveat: h_train's objective is
+     first order only (nothing bounds its gate scale; it only scales expert gradients, which RMSProp
+     normalises): stats() reports the mean gate of both routers to watch it.
+   - "train_value": v = sum_j (G_train_j + ST(G_infer_j)) e_j: forward = the dense router; h_infer gets
+     the task gradient h_train would get, at h_train's point. Nothing fits h_infer's gate magnitudes (its
+     task gradient does not depend on them; only L1 pulls them down), so serving can see another scale.
+   - "convex": v = sum_j (G_train_j + G_infer_j) / 2 e_j: both in the forward with exact gradients;
+     inference drops the G_train half (train/serve gap).
+5. Adaptive lambda (ReMoE): after each training forward, lambda *= exp(lambda_lr * sign(active - target)),
+   active = fraction of G_infer > 0 over (tokens, samples, experts), averaged over ranks when
+   torch.distributed is initialised (one scalar all_reduce per block: TorchRec's DDP does not broadcast
+   buffers, and ranks must not drift apart). Kept in a persistent buffer (checkpointed). No update in eval.
+6. Baselines behind the same switch: "topk" (softmax over the k largest logits, k = round(N_e * ratio)
+   unless top_k is set; unselected experts get gate 0, all experts still computed in training) and
+   "topk_balanced" (+ Switch load-balancing loss N_e * sum_j f_j P_j per token, averaged over tokens).
+7. Sparse inference (eval + sparse_inference=True) computes only active (slot, sample) pairs: pairs are
+   grouped by slot (nonzero on the slot-major mask is already slot-sorted), slots are binned by their
+   active-row count into at most `num_buckets` capacity classes, and each class is one padded gathered
+   baddbmm per layer (+ index_add_ of gated outputs). The Python loop is over capacity classes, never over
+   tokens or experts: CPU torch has no fast grouped GEMM (F.grouped_mm on CPU is a slow fallback, about 20x
+   a bmm, and FlopCounterMode does not count it). Padding waste per active slot < max_count / num_buckets.
+8. The training forward is fx-traceable: Python branches only on module flags (self.training, the router
+   kind), never on tensor values; stats are written to buffers with copy_, not read with .item().
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+ROUTERS = ("relu_dtsi", "topk", "topk_balanced")
+DTSI_MIXES = ("infer_value", "train_value", "convex")
+
+
+def _straight_through(z: torch.Tensor) -> torch.Tensor:
+    """Zero in value, identity in gradient."""
+    return z - z.detach()
+
+
+def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a scalar over the default process group (identity without one, or under fx tracing)."""
+    if isinstance(value, torch.fx.Proxy) or not (dist.is_available() and dist.is_initialized()):
+        return value
+    world = dist.get_world_size()
+    if world == 1:
+        return value
+    total = value.clone()
+    dist.all_reduce(total)
+    return total / world
+
+
+def top_k_for(num_experts: int, active_ratio: float, top_k: int = 0) -> int:
+    """k of the top-k baselines: `top_k` if set, else round(N_e * ratio), at least 1."""
+    return top_k or max(1, round(num_experts * active_ratio))
+
+
+class SparseMoEFFN(nn.Module):
+    """Eq. 10-11: per token N_e GELU experts D -> k_e D -> D mixed by router gates. (T, B, D) -> (T, B, D)."""
+
+    def __init__(
+        self,
+        num_tokens: int,
+        dim: int,
+        num_experts: int,
+        expert_hidden: int,
+        router: str = "relu_dtsi",
+        active_ratio: float = 0.5,
+        top_k: int = 0,
+        lambda_init: float = 1e-3,
+        lambda_lr: float = 0.1,
+        balance_coef: float = 0.01,
+        dtsi_mix: str = "infer_value",
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        num_buckets: int = 8,
+    ) -> None:
+        super().__init__()
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        if dtsi_mix not in DTSI_MIXES:
+            raise ValueError(f"dtsi_mix must be one of {DTSI_MIXES}, got {dtsi_mix!r}")
+        if not 0.0 < active_ratio <= 1.0:
+            raise ValueError(f"active_ratio must be in (0, 1], got {active_ratio}")
+        T, E, H = num_tokens, num_experts, expert_hidden
+        self.num_tokens, self.dim, self.num_experts, self.expert_hidden = T, dim, E, H
+        self.router_kind = router
+        self.dtsi_mix = dtsi_mix
+        self.active_ratio = active_ratio
+        self.top_k = top_k_for(E, active_ratio, top_k)
+        if not 1 <= self.top_k <= E:
+            raise ValueError(f"top_k={self.top_k} must be in [1, {E}]")
+        self.lambda_lr = lambda_lr
+        self.balance_coef = balance_coef
+        self.num_buckets = num_buckets
+        self.sparse_inference = True  # eval-mode switch: skip inactive experts (False = dense reference)
+        self.inference_top_k: int | None = None  # benchmark override: force exactly k active experts
+
+        self.w1 = nn.Parameter(torch.empty(T, E, dim, H))  # (T, N_e, D, k_e D)
+        self.b1 = nn.Parameter(torch.zeros(T, E, 1, H))  # (T, N_e, 1, k_e D)
+        self.w2 = nn.Parameter(torch.empty(T, E, H, dim))  # (T, N_e, k_e D, D)
+        self.b2 = nn.Parameter(torch.zeros(T, E, 1, dim))  # (T, N_e, 1, D)
+        nn.init.normal_(self.w1, std=1.0 / math.sqrt(dim))
+        nn.init.normal_(self.w2, std=1.0 / math.sqrt(H) / math.sqrt(2 * num_layers))
+        # ReLU gates of N(0, s^2) logits have E[G^2] = s^2 / 2: s^2 = 2 / N_e keeps sum_j G_j^2 ~ 1, so v has
+        # the scale of one expert output. Top-k softmax gates sum to 1 whatever the scale.
+        router_std = math.sqrt(2.0 / E) / math.sqrt(dim)
+        self.router_w = nn.Parameter(torch.randn(T, dim, E) * router_std)  # (T, D, N_e): h_infer
+        self.router_b = nn.Parameter(torch.zeros(T, 1, E))  # (T, 1, N_e)
+        if router == "relu_dtsi":
+            self.train_router_w = nn.Parameter(torch.randn(T, dim, E) * router_std)  # (T, D, N_e): h_train
+            self.train_router_b = nn.Parameter(torch.zeros(T, 1, E))  # (T, 1, N_e)
+        self.dropout = nn.Dropout(dropout)
+
+        self.register_buffer("lambda_", torch.tensor(float(lambda_init)))  # persistent: checkpointed
+        self.register_buffer("last_active_ratio", torch.zeros(()), persistent=False)
+        self.register_buffer("last_slot_active_freq", torch.zeros(T, E), persistent=False)  # (T, N_e)
+        self.register_buffer("last_gate_mean", torch.zeros(2), persistent=False)  # h_infer, h_train
+        self._aux_loss: torch.Tensor | None = None
+        self.last_sparse_rows = 0  # rows (slot, sample) computed by the last sparse forward, padding included
+        self.last_active_pairs = 0  # active (slot, sample) pairs of the last sparse forward
+
+    # ---- routing ---------------------------------------------------------------------------------
+
+    def router_logits(self, x: torch.Tensor, train_router: bool = False) -> torch.Tensor:
+        if train_router:
+            return torch.baddbmm(self.train_router_b, x, self.train_router_w)  # (T, B, N_e)
+        return torch.baddbmm(self.router_b, x, self.router_w)  # (T, B, D) @ (T, D, N_e) -> (T, B, N_e)
+
+    def _top_k_gates(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        top_logits, top_idx = logits.topk(k, dim=-1)  # (T, B, k)
+        gates = torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_logits, dim=-1))
+        active = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_idx, True)
+        return gates, active  # (T, B, N_e) each
+
+    def inference_gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gates of h_infer and the mask of experts to compute, both (T, B, N_e)."""
+        logits = self.router_logits(x)  # (T, B, N_e)
+        if self.inference_top_k is not None:  # benchmark: exactly k active, ReLU gate values
+            _, active = self._top_k_gates(logits, self.inference_top_k)
+            return F.relu(logits) * active, active
+        if self.router_kind == "relu_dtsi":
+            gates = F.relu(logits)
+            return gates, gates > 0
+        return self._top_k_gates(logits, self.top_k)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def all_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every sample: (T, B, D) -> (T, N_e, B, D), one baddbmm per layer."""
+        T, E, H, D = self.num_tokens, self.num_experts, self.expert_hidden, self.dim
+        batch = x.shape[1]
+        x_slots = x.unsqueeze(1).expand(-1, E, -1, -1).reshape(T * E, batch, D)  # (T*N_e, B, D)
+        h = torch.baddbmm(self.b1.view(T * E, 1, H), x_slots, self.w1.view(T * E, D, H))  # (T*N_e, B, k_eD)
+        h = self.dropout(F.gelu(h))
+        y = torch.baddbmm(self.b2.view(T * E, 1, D), h, self.w2.view(T * E, H, D))  # (T*N_e, B, D)
+        return self.dropout(y).view(T, E, batch, D)  # (T, N_e, B, D)
+
+    @staticmethod
+    def mix(gates: torch.Tensor, expert_out: torch.Tensor) -> torch.Tensor:
+        """v_t = sum_j G_{t,j} e_{t,j}: (T, B, N_e) x (T, N_e, B, D) -> (T, B, D)."""
+        return torch.einsum("tbe,tebd->tbd", gates, expert_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            gates, active = self.inference_gates(x)  # (T, B, N_e)
+            self._record_activity(active)
+            if self.sparse_inference:
+                return self.sparse_forward(x, gates, active)
+            return self.mix(gates, self.all_experts(x))  # dense reference with the same gates
+        if self.router_kind == "relu_dtsi":
+            return self._train_relu_dtsi(x)
+        return self._train_top_k(x)
+
+    def _train_relu_dtsi(self, x: torch.Tensor) -> torch.Tensor:
+        gates_infer = F.relu(self.router_logits(x))  # (T, B, N_e): h_infer
+        gates_train = F.relu(self.router_logits(x, train_router=True))  # (T, B, N_e): h_train
+        expert_out = self.all_experts(x)  # (T, N_e, B, D): dense training
+        if self.dtsi_mix == "infer_value":
+            v = self.mix(gates_infer, expert_out) + _straight_through(self.mix(gates_train, expert_out))
+        elif self.dtsi_mix == "train_value":
+            v = self.mix(gates_train + _straight_through(gates_infer), expert_out)
+        else:  # convex
+            v = self.mix(0.5 * (gates_train + gates_infer), expert_out)
+        batch = x.shape[1]
+        l_reg = gates_infer.sum() / batch  # eq. 11 per sample: sum over tokens and experts, mean over B
+        self._aux_loss = self.lambda_.clone() * l_reg  # clone: lambda_ is updated in place below
+        active = _mean_over_ranks(self._record_activity(gates_infer > 0))
+        with torch.no_grad():
+            self.last_gate_mean.copy_(torch.stack([gates_infer.mean(), gates_train.mean()]))
+        with torch.no_grad():  # adaptive lambda (ReMoE): multiplicative step toward the target ratio
+            step = torch.exp(self.lambda_lr * torch.sign(active - self.active_ratio))
+            self.lambda_.mul_(step).clamp_(1e-12, 1e6)
+        return v  # (T, B, D)
+
+    def _train_top_k(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router_logits(x)  # (T, B, N_e)
+        gates, active = self._top_k_gates(logits, self.top_k)  # (T, B, N_e)
+        self._record_activity(active)
+        if self.router_kind == "topk_balanced":
+            routed_frac = active.to(logits.dtype).mean(dim=1) / self.top_k  # (T, N_e): f_j, sums to 1
+            mean_prob = torch.softmax(logits, dim=-1).mean(dim=1)  # (T, N_e): P_j
+            balance = self.num_experts * (routed_frac * mean_prob).sum(-1).mean()  # 1 when uniform
+            self._aux_loss = self.balance_coef * balance
+        return self.mix(gates, self.all_experts(x))  # (T, B, D)
+
+    def _record_activity(self, active: torch.Tensor) -> torch.Tensor:
+        """Writes the activity stats of this forward to buffers; returns the active ratio (0-dim tensor)."""
+        with torch.no_grad():
+            slot_freq = active.float().mean(dim=1)  # (T, N_e): fraction of samples using each slot
+            ratio = slot_freq.mean()
+            self.last_slot_active_freq.copy_(slot_freq)
+            self.last_active_ratio.copy_(ratio)
+        return ratio
+
+    # ---- sparse inference ------------------------------------------------------------------------
+
+    def sparse_forward(self, x: torch.Tensor, gates: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Eq. 10 over the active (slot, sample) pairs only. x (T, B, D), gates/active (T, B, N_e)."""
+        T, E, H, D = self.num_tokens, self.num_experts, self.expert_hidden, self.dim
+        batch = x.shape[1]
+        slot_active = active.permute(0, 2, 1).reshape(T * E, batch)  # (T*N_e, B), slot = t * N_e + j
+        slot_gates = gates.permute(0, 2, 1).reshape(T * E, batch)  # (T*N_e, B)
+        slot_ids, sample_ids = slot_active.nonzero(as_tuple=True)  # (N,) each, sorted by slot
+        pair_gates = slot_gates[slot_ids, sample_ids].to(x.dtype)  # (N,)
+        # x and the output are addressed as (T*B + 1, D) rows; the extra zero row is the padding target
+        pair_rows = torch.div(slot_ids, E, rounding_mode="floor") * batch + sample_ids  # (N,)
+        pad_row = T * batch
+        x_rows = torch.cat([x.reshape(T * batch, D), x.new_zeros(1, D)])  # (T*B + 1, D)
+        out_rows = x.new_zeros(T * batch + 1, D)  # (T*B + 1, D)
+        counts = slot_active.sum(dim=1)  # (T*N_e,) active samples per slot
+        num_pairs = int(slot_ids.numel())
+        self.last_active_pairs, self.last_sparse_rows = num_pairs, 0
+        if num_pairs == 0:
+            return out_rows[:pad_row].view(T, batch, D)
+        starts = torch.cumsum(counts, 0) - counts  # (T*N_e,)
+        pos_in_slot = torch.arange(num_pairs, device=x.device) - starts[slot_ids]  # (N,)
+        # capacity classes: counts rounded up to a multiple of ceil(max_count / num_buckets)
+        granule = max(1, math.ceil(int(counts.max()) / self.num_buckets))
+        capacity = torch.div(counts + granule - 1, granule, rounding_mode="floor") * granule  # (T*N_e,)
+        w1, b1 = self.w1.view(T * E, D, H), self.b1.view(T * E, 1, H)
+        w2, b2 = self.w2.view(T * E, H, D), self.b2.view(T * E, 1, D)
+        slot_rank = torch.full((T * E,), -1, dtype=torch.long, device=x.device)  # slot -> index in its class
+        for cap in torch.unique(capacity[capacity > 0]).tolist():  # <= num_buckets capacity classes
+            class_slots = (capacity == cap).nonzero().squeeze(1)  # (n,)
+            slot_rank[class_slots] = torch.arange(class_slots.numel(), device=x.device)
+            in_class = (capacity == cap)[slot_ids]  # (N,) pairs whose slot is in this class
+            rank, pos = slot_rank[slot_ids[in_class]], pos_in_slot[in_class]
+            row_index = torch.full((class_slots.numel(), cap), pad_row, dtype=torch.long, device=x.device)
+            row_index[rank, pos] = pair_rows[in_class]  # (n, cap): row of x each computed row reads
+            row_gates = x.new_zeros(class_slots.numel(), cap)
+            row_gates[rank, pos] = pair_gates[in_class]  # (n, cap): 0 on padding rows
+            xb = x_rows.index_select(0, row_index.view(-1)).view(class_slots.numel(), cap, D)  # (n, cap, D)
+            if class_slots.numel() == T * E:  # one class holds every slot: use the weights in place
+                cw1, cb1, cw2, cb2 = w1, b1, w2, b2
+            else:  # gather the class's slots: each active slot's weights are copied once per forward
+                cw1, cb1, cw2, cb2 = w1[class_slots], b1[class_slots], w2[class_slots], b2[class_slots]
+            h = F.gelu(torch.baddbmm(cb1, xb, cw1))  # (n, cap, D) @ (n, D, k_e D) -> (n, cap, k_e D)
+            y = torch.baddbmm(cb2, h, cw2)  # (n, cap, k_e D) @ (n, k_e D, D) -> (n, cap, D)
+            weighted = (y * row_gates.unsqueeze(-1)).to(out_rows.dtype)  # (n, cap, D)
+            out_rows.index_add_(0, row_index.view(-1), weighted.view(-1, D))
+            self.last_sparse_rows += class_slots.numel() * cap
+        return out_rows[:pad_row].view(T, batch, D)  # (T, B, D)
+
+    # ---- for the pipeline ------------------------------------------------------------------------
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """relu_dtsi: lambda * L_reg of the last training forward (reaches h_infer only); topk_balanced:
+        balance_coef * Switch balance loss; topk: None."""
+        return self._aux_loss
+
+    def stats(self) -> dict[str, float]:
+        """Activity of the last forward (train or eval). Slot = (token, expert)."""
+        freq = self.last_slot_active_freq  # (T, N_e)
+        token_ratio = freq.mean(dim=1)  # (T,)
+        stats = {
+            "active_ratio": self.last_active_ratio.item(),
+            "expert_freq_min": freq.min().item(),
+            "expert_freq_max": freq.max().item(),
+            "dead_expert_frac": (freq == 0).float().mean().item(),  # slots no sample used
+            "token_active_min": token_ratio.min().item(),
+            "token_active_max": token_ratio.max().item(),
+        }
+        if self.router_kind == "relu_dtsi":
+            stats["lambda"] = self.lambda_.item()
+            infer_gate, train_gate = self.last_gate_mean.tolist()  # of the last training forward
+            stats["infer_gate_mean"], stats["train_gate_mean"] = infer_gate, train_gate
+        return stats
