@@ -36,7 +36,6 @@ import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 from data.loader_bench import add_arguments as add_loader_arguments  # noqa: E402
-from models.moe import SparseMoEFFN  # noqa: E402
 from models.rankmixer import RankMixer, RankMixerConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -281,7 +280,7 @@ def cmd_moe(args: argparse.Namespace) -> dict:
     group_dims = [args.group_width] * (args.input_width // args.group_width)
     cfg = RankMixerConfig(group_dims=group_dims, num_tasks=args.num_tasks, **fields)
     model = RankMixer(cfg).to(device).eval()
-    ffns = [m for m in model.modules() if isinstance(m, SparseMoEFFN)]
+    ffns = model.moe_ffns()
     groups = [torch.randn(args.batch_size, d, device=device) for d in group_dims]
     num_experts = cfg.moe_num_experts
     dense_rows = cfg.num_tokens * num_experts * args.batch_size * len(ffns)

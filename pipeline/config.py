@@ -1,8 +1,9 @@
 """Typed configs of a training / eval job. Hydra composes YAML from `conf/` over these dataclasses
 (registered in `launch/`), so a misspelt override or a wrong type fails before anything runs.
 
-`model` stays an untyped mapping here because its fields depend on `model.arch`; it is validated against
-that arch's dataclass in `models.ranking.dense_arch_config` when the model is built.
+`model` is `Any` here because its fields depend on `model.arch`: each preset in conf/model/ extends the typed
+node `model_preset_schemas()` generates from that arch's config dataclass, and a checkpoint's saved mapping
+is validated against the same dataclass in `models.ranking.dense_arch_config` when the model is built.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def reject_unknown_keys(cfg: Any, path: str = "") -> None:
         if unknown:
             raise ValueError(f"{path or 'config'}: unknown key(s) {unknown} for {node_type.__name__}")
     for key in cfg.keys():
+        # _get_node, not cfg[key]: reading a mandatory "???" value (eval's checkpoint) would raise here
         reject_unknown_keys(cfg._get_node(key), f"{path}.{key}" if path else str(key))
 
 

@@ -57,9 +57,9 @@ def evaluate(
     return metrics
 
 
-def moe_ffns(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The Sparse-MoE FFNs of a model (modules with a `sparse_inference` switch)."""
-    return [m for m in model.modules() if hasattr(m, "sparse_inference")]
+def dense_arch_of(dmp: torch.nn.Module) -> torch.nn.Module:
+    """The dense arch inside DistributedModelParallel(RankingTrainWrapper(RankingModel))."""
+    return dmp.module.model.dense_arch
 
 
 def evaluate_inference_modes(
@@ -73,14 +73,18 @@ def evaluate_inference_modes(
     """{"test": metrics}; for a Sparse-MoE model also {"test_dense_inference": ...}. "test" is what serving
     computes: sparse inference (inactive experts skipped); dense inference computes every expert with the
     same gates, so the two differ only by numerics -- a large gap means the sparse path is wrong."""
-    moes = moe_ffns(model)
+    moe_ffns = getattr(dense_arch_of(model), "moe_ffns", None)
+    moes = moe_ffns() if callable(moe_ffns) else []
     result = {}
     if moes:
-        for m in moes:
-            m.sparse_inference = False
-        result["test_dense_inference"] = evaluate(model, reader, device, task_names, max_batches)
-        for m in moes:
-            m.sparse_inference = True
+        saved = [m.sparse_inference for m in moes]
+        try:
+            for m in moes:
+                m.sparse_inference = False
+            result["test_dense_inference"] = evaluate(model, reader, device, task_names, max_batches)
+        finally:
+            for m, flag in zip(moes, saved):
+                m.sparse_inference = flag
     result["test"] = evaluate(model, reader, device, task_names, max_batches, predictions_path)
     return result
 

@@ -30,7 +30,7 @@ from models.ranking import RankingModel, RankingTrainWrapper
 from pipeline.checkpoint import CheckpointManager, agree_on_path
 from pipeline.config import TrainConfig
 from pipeline.dist import DistInfo, broadcast_object, init_distributed
-from pipeline.evaluate import evaluate, evaluate_inference_modes
+from pipeline.evaluate import dense_arch_of, evaluate, evaluate_inference_modes
 from pipeline.optim import build_optimizer, fuse_sparse_optimizer, set_initial_accumulator
 from pipeline.run_log import RunLog, setup_logging
 from pipeline.sharding import shard_model, table_names
@@ -324,7 +324,7 @@ class StepProfiler:
 
 def moe_stats(dmp: torch.nn.Module) -> dict[str, float]:
     """Sparse-MoE routing stats of this rank's last training forward (lambda, active ratio, expert use)."""
-    stats = getattr(dmp.module.model.dense_arch, "moe_stats", None)
+    stats = getattr(dense_arch_of(dmp), "moe_stats", None)
     return stats() if callable(stats) else {}
 
 
