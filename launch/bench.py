@@ -166,6 +166,35 @@ def time_training(
     return times
 
 
+def measure_training(
+    model: nn.Module,
+    groups: list[torch.Tensor],
+    labels: torch.Tensor,
+    flops_per_sample: float,
+    steps: int,
+    warmup: int,
+    dtype: torch.dtype = torch.float32,
+    peak_n: int = 2048,
+    profile_path: str | None = None,
+) -> dict:
+    """Training speed of a dense arch on one batch: samples/s, achieved FLOP/s and MFU. MFU is taken per
+    step against a GEMM timed right after it, then the median: robust to other load on a shared machine."""
+    batch_size = labels.shape[0]
+    probe = gemm_probe(labels.device, dtype, peak_n)
+    timed = time_training(model, groups, labels, steps, warmup, dtype, probe, profile_path)
+    train_flops = 3.0 * flops_per_sample * batch_size
+    sec = statistics.median(t for t, _ in timed)
+    return {
+        "batch_size": batch_size,
+        "step_s": sec,
+        "samples_per_s": batch_size / sec,
+        "train_gflop_per_step": train_flops / 1e9,
+        "achieved_gflop_s": train_flops / sec / 1e9,
+        "mfu": statistics.median(train_flops / t / peak_now for t, peak_now in timed),
+        "interleaved_peak_gflop_s": statistics.median(p for _, p in timed) / 1e9,
+    }
+
+
 def cmd_dense(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -195,28 +224,11 @@ def cmd_dense(args: argparse.Namespace) -> dict:
         (args.preset, rankmixer, rankmixer.flops_per_sample()),
         (f"mlp_{args.mlp_layers}x{hidden}", mlp, mlp.flops_per_sample()),
     ):
-        profile_path = None
-        if args.profile and model is rankmixer:
-            profile_path = args.profile
-        probe = gemm_probe(device, dtype, peak_n)
-        timed = time_training(model, groups, labels, args.steps, args.warmup, dtype, probe, profile_path)
-        train_flops = 3.0 * flops * args.batch_size
-        sec = statistics.median(t for t, _ in timed)
-        # MFU per step against the GEMM timed right after it, then the median: robust to other load
-        mfu = statistics.median(train_flops / t / peak_now for t, peak_now in timed)
-        rows.append(
-            {
-                "model": name,
-                "params": sum(p.numel() for p in model.parameters()),
-                "batch_size": args.batch_size,
-                "step_s": sec,
-                "samples_per_s": args.batch_size / sec,
-                "train_gflop_per_step": train_flops / 1e9,
-                "achieved_gflop_s": train_flops / sec / 1e9,
-                "mfu": mfu,
-                "interleaved_peak_gflop_s": statistics.median(p for _, p in timed) / 1e9,
-            }
+        profile_path = args.profile if args.profile and model is rankmixer else None
+        speed = measure_training(
+            model, groups, labels, flops, args.steps, args.warmup, dtype, peak_n, profile_path
         )
+        rows.append({"model": name, "params": sum(p.numel() for p in model.parameters()), **speed})
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),

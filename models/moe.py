@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ROUTERS = ("relu_dtsi", "topk", "topk_balanced")
-DTSI_MIXES = ("infer_value", "train_value", "convex")
+DTSI_MIXES = ("convex", "infer_value", "train_value")
 
 
 def _straight_through(z: torch.Tensor) -> torch.Tensor:
@@ -92,8 +92,9 @@ class SparseMoEFFN(nn.Module):
         top_k: int = 0,
         lambda_init: float = 1e-3,
         lambda_lr: float = 0.1,
+        bias_lr: float = 0.05,
         balance_coef: float = 0.01,
-        dtsi_mix: str = "infer_value",
+        dtsi_mix: str = "convex",
         dropout: float = 0.0,
         num_layers: int = 1,
         num_buckets: int = 8,
@@ -114,6 +115,7 @@ class SparseMoEFFN(nn.Module):
         if not 1 <= self.top_k <= E:
             raise ValueError(f"top_k={self.top_k} must be in [1, {E}]")
         self.lambda_lr = lambda_lr
+        self.bias_lr = bias_lr
         self.balance_coef = balance_coef
         self.num_buckets = num_buckets
         self.sparse_inference = True  # eval-mode switch: skip inactive experts (False = dense reference)
@@ -136,6 +138,7 @@ class SparseMoEFFN(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
         self.register_buffer("lambda_", torch.tensor(float(lambda_init)))  # persistent: checkpointed
+        self.register_buffer("gate_bias", torch.zeros(T, 1, E))  # (T, 1, N_e) h_infer's controller bias
         self.register_buffer("last_active_ratio", torch.zeros(()), persistent=False)
         self.register_buffer("last_slot_active_freq", torch.zeros(T, E), persistent=False)  # (T, N_e)
         self.register_buffer("last_gate_mean", torch.zeros(2), persistent=False)  # h_infer, h_train
@@ -148,7 +151,8 @@ class SparseMoEFFN(nn.Module):
     def router_logits(self, x: torch.Tensor, train_router: bool = False) -> torch.Tensor:
         if train_router:
             return torch.baddbmm(self.train_router_b, x, self.train_router_w)  # (T, B, N_e)
-        return torch.baddbmm(self.router_b, x, self.router_w)  # (T, B, D) @ (T, D, N_e) -> (T, B, N_e)
+        bias = self.router_b + self.gate_bias  # (T, 1, N_e): learnt + controller (0 for top-k)
+        return torch.baddbmm(bias, x, self.router_w)  # (T, B, D) @ (T, D, N_e) -> (T, B, N_e)
 
     def _top_k_gates(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         top_logits, top_idx = logits.topk(k, dim=-1)  # (T, B, k)
@@ -208,12 +212,15 @@ class SparseMoEFFN(nn.Module):
         batch = x.shape[1]
         l_reg = gates_infer.sum() / batch  # eq. 11 per sample: sum over tokens and experts, mean over B
         self._aux_loss = self.lambda_.clone() * l_reg  # clone: lambda_ is updated in place below
-        active = _mean_over_ranks(self._record_activity(gates_infer > 0))
+        self._record_activity(gates_infer > 0)
         with torch.no_grad():
             self.last_gate_mean.copy_(torch.stack([gates_infer.mean(), gates_train.mean()]))
-        with torch.no_grad():  # adaptive lambda (ReMoE): multiplicative step toward the target ratio
-            step = torch.exp(self.lambda_lr * torch.sign(active - self.active_ratio))
+            slot_freq = _mean_over_ranks(self.last_slot_active_freq.clone())  # (T, N_e), global batch
+            # adaptive lambda (ReMoE): multiplicative step toward the target ratio
+            step = torch.exp(self.lambda_lr * torch.sign(slot_freq.mean() - self.active_ratio))
             self.lambda_.mul_(step).clamp_(1e-12, 1e6)
+            # activation bias: each slot's frequency steps toward the target, in both directions
+            self.gate_bias.add_(self.bias_lr * torch.sign(self.active_ratio - slot_freq).unsqueeze(1))
         return v  # (T, B, D)
 
     def _train_top_k(self, x: torch.Tensor) -> torch.Tensor:

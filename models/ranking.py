@@ -25,12 +25,29 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from data.batch import RecBatch
 from data.schema import Schema
+from models.baselines import (
+    DLRM,
+    AutoInt,
+    AutoIntConfig,
+    DCNv2,
+    DCNv2Config,
+    DLRMConfig,
+    MMoE,
+    MMoEConfig,
+    Wukong,
+    WukongConfig,
+)
 from models.rankmixer import RankMixer, RankMixerConfig
 from models.sparse_arch import SparseArch, embedding_bag_configs
 
 # arch name -> (config dataclass, module class). Plain dict, filled here: no import-time registration.
 DENSE_ARCHS: dict[str, tuple[type, type[nn.Module]]] = {
     "rankmixer": (RankMixerConfig, RankMixer),
+    "dlrm": (DLRMConfig, DLRM),
+    "dcnv2": (DCNv2Config, DCNv2),
+    "autoint": (AutoIntConfig, AutoInt),
+    "wukong": (WukongConfig, Wukong),
+    "mmoe": (MMoEConfig, MMoE),
 }
 
 

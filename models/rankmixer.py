@@ -48,7 +48,7 @@ class RankMixerConfig:
     num_tokens: int = 16  # T
     dim: int = 768  # D
     num_layers: int = 2  # L
-    ffn_mult: int = 2  # k: FFN hidden width is k * D
+    ffn_mult: float = 2  # k: FFN hidden width is k * D (k * D must be an integer)
     # multi_head (paper) | none (table 2) | self_attention | all_concat_mlp | all_share (table 3)
     token_mixing: str = "multi_head"
     # per_token (paper) | shared (table 2: one FFN for all tokens) | smoe (section 3.4, models/moe.py)
@@ -66,8 +66,9 @@ class RankMixerConfig:
     moe_active_ratio: float = 0.5  # target fraction of active experts (figure 3: 1, 1/2, 1/4, 1/8)
     moe_lambda_init: float = 1e-3  # initial L_reg coefficient (adapted every training step)
     moe_lambda_lr: float = 0.1  # lambda *= exp(lr * sign(active - target)) per training step
+    moe_bias_lr: float = 0.05  # h_infer's per-slot bias += lr * sign(target - slot frequency) per step
     moe_balance_coef: float = 0.01  # Switch load-balancing loss weight (topk_balanced)
-    moe_dtsi_mix: str = "infer_value"  # how h_infer gets the task gradient (see models/moe.py)
+    moe_dtsi_mix: str = "convex"  # how h_infer gets the task gradient (see models/moe.py)
 
     def __post_init__(self) -> None:
         if self.token_mixing not in TOKEN_MIXINGS:
@@ -78,6 +79,8 @@ class RankMixerConfig:
             raise ValueError(f"multi-head token mixing uses H = T heads: D={self.dim} % T={self.num_tokens}")
         if self.token_mixing == "self_attention" and self.dim % self.num_attention_heads:
             raise ValueError(f"D={self.dim} not divisible by {self.num_attention_heads} attention heads")
+        if abs(self.ffn_mult * self.dim - self.ffn_hidden) > 1e-6 or self.ffn_hidden < 1:
+            raise ValueError(f"ffn_mult * dim = {self.ffn_mult * self.dim}: not a positive integer")
         if self.ffn == "smoe":
             if self.token_mixing == "all_concat_mlp":
                 raise ValueError("ffn=smoe replaces the per-token FFN; all_concat_mlp has none")
@@ -99,6 +102,10 @@ class RankMixerConfig:
     @property
     def input_width(self) -> int:
         return sum(self.group_dims)
+
+    @property
+    def ffn_hidden(self) -> int:
+        return round(self.ffn_mult * self.dim)
 
     @property
     def moe_expert_hidden(self) -> int:
@@ -210,9 +217,9 @@ class PerTokenFFN(nn.Module):
     """Eq. 6-9: token t has its own two-layer GELU MLP, D -> kD -> D. Stacked weights (T, D, kD) and
     (T, kD, D); one baddbmm (bias fused) per layer for all tokens. (T, B, D) -> (T, B, D)."""
 
-    def __init__(self, num_tokens: int, dim: int, mult: int, dropout: float = 0.0, num_layers: int = 1):
+    def __init__(self, num_tokens: int, dim: int, mult: float, dropout: float = 0.0, num_layers: int = 1):
         super().__init__()
-        hidden = mult * dim
+        hidden = round(mult * dim)
         self.w1 = nn.Parameter(torch.empty(num_tokens, dim, hidden))  # (T, D, kD)
         self.b1 = nn.Parameter(torch.zeros(num_tokens, 1, hidden))  # (T, 1, kD)
         self.w2 = nn.Parameter(torch.empty(num_tokens, hidden, dim))  # (T, kD, D)
@@ -230,13 +237,14 @@ class PerTokenFFN(nn.Module):
 class SharedFFN(nn.Module):
     """Table 2 ablation: one D -> kD -> D GELU MLP shared by all tokens. (T, B, D) -> (T, B, D)."""
 
-    def __init__(self, dim: int, mult: int, dropout: float = 0.0, num_layers: int = 1) -> None:
+    def __init__(self, dim: int, mult: float, dropout: float = 0.0, num_layers: int = 1) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, mult * dim)
-        self.fc2 = nn.Linear(mult * dim, dim)
+        hidden = round(mult * dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
         self.dropout = nn.Dropout(dropout)
         _init_linear_(self.fc1.weight, dim)
-        _init_linear_(self.fc2.weight, mult * dim, scale=1.0 / math.sqrt(2 * num_layers))
+        _init_linear_(self.fc2.weight, hidden, scale=1.0 / math.sqrt(2 * num_layers))
         nn.init.zeros_(self.fc1.bias)
         nn.init.zeros_(self.fc2.bias)
 
@@ -250,13 +258,14 @@ class ConcatMLP(nn.Module):
     tokens. Hidden width kD keeps params and FLOPs equal to the per-token FFN (2kTD^2), matching the
     table's ~0% delta. (T, B, D) -> (T, B, D)."""
 
-    def __init__(self, num_tokens: int, dim: int, mult: int, dropout: float = 0.0, num_layers: int = 1):
+    def __init__(self, num_tokens: int, dim: int, mult: float, dropout: float = 0.0, num_layers: int = 1):
         super().__init__()
-        self.fc1 = nn.Linear(num_tokens * dim, mult * dim)
-        self.fc2 = nn.Linear(mult * dim, num_tokens * dim)
+        hidden = round(mult * dim)
+        self.fc1 = nn.Linear(num_tokens * dim, hidden)
+        self.fc2 = nn.Linear(hidden, num_tokens * dim)
         self.dropout = nn.Dropout(dropout)
         _init_linear_(self.fc1.weight, num_tokens * dim)
-        _init_linear_(self.fc2.weight, mult * dim, scale=1.0 / math.sqrt(2 * num_layers))
+        _init_linear_(self.fc2.weight, hidden, scale=1.0 / math.sqrt(2 * num_layers))
         nn.init.zeros_(self.fc1.bias)
         nn.init.zeros_(self.fc2.bias)
 
@@ -293,6 +302,7 @@ def build_ffn(cfg: RankMixerConfig) -> nn.Module:
             top_k=cfg.moe_top_k,
             lambda_init=cfg.moe_lambda_init,
             lambda_lr=cfg.moe_lambda_lr,
+            bias_lr=cfg.moe_bias_lr,
             balance_coef=cfg.moe_balance_coef,
             dtsi_mix=cfg.moe_dtsi_mix,
             **args,
@@ -378,7 +388,7 @@ def flops_breakdown(cfg: RankMixerConfig, active_ratio: float | None = None) -> 
     ffn=smoe, `blocks_ffn` is 4 k_e N_e L T D^2 times the active ratio (None = 1: dense-activated), plus the
     inference router (2 L T D N_e) and the gate mix (2 L T N_e D times the ratio): inference FLOPs, the
     training forward also runs h_train (relu_dtsi) and a second mix."""
-    T, D, L, k = cfg.num_tokens, cfg.dim, cfg.num_layers, cfg.ffn_mult
+    T, D, L, kD = cfg.num_tokens, cfg.dim, cfg.num_layers, cfg.ffn_hidden
     W = cfg.input_width
     chunk = math.ceil(W / T)
     tokenizer = 2 * T * chunk * D if cfg.token_mixing != "all_share" else 2 * W * D
@@ -387,7 +397,7 @@ def flops_breakdown(cfg: RankMixerConfig, active_ratio: float | None = None) -> 
         # Q, K, V, O projections for T tokens + scores (T x T x D) + weighted sum (T x T x D)
         mixing = L * (2 * T * D * 4 * D + 2 * 2 * T * T * D)
     # per-token, shared and concat FFNs all do 2 * (D x kD) matmuls per token: 4kTD^2 per layer
-    blocks_ffn = L * 4 * k * T * D * D
+    blocks_ffn = L * 4 * kD * T * D
     head = MultiTaskHead.flops_per_sample_for(D, cfg.num_tasks, cfg.head_hidden)
     parts = {"tokenizer": float(tokenizer), "mixing": float(mixing), "blocks_ffn": float(blocks_ffn),
              "head": float(head)}  # fmt: skip
@@ -402,22 +412,22 @@ def flops_breakdown(cfg: RankMixerConfig, active_ratio: float | None = None) -> 
 
 def expected_num_params(cfg: RankMixerConfig) -> dict[str, int]:
     """Parameter count by part, from the config alone. `blocks_ffn` is the term eq. 12 covers (2kLTD^2)."""
-    T, D, L, k = cfg.num_tokens, cfg.dim, cfg.num_layers, cfg.ffn_mult
+    T, D, L, kD = cfg.num_tokens, cfg.dim, cfg.num_layers, cfg.ffn_hidden
     W = cfg.input_width
     if cfg.token_mixing == "all_share":
         tokenizer = W * D + D
     else:
         tokenizer = T * math.ceil(W / T) * D + T * D
     if cfg.token_mixing == "all_concat_mlp":
-        ffn = 2 * k * T * D * D + k * D + T * D
+        ffn = 2 * kD * T * D + kD + T * D
     elif cfg.ffn == "shared":
-        ffn = 2 * k * D * D + k * D + D
+        ffn = 2 * kD * D + kD + D
     elif cfg.ffn == "smoe":
         E, H = cfg.moe_num_experts, cfg.moe_expert_hidden
         num_routers = 2 if cfg.moe_router == "relu_dtsi" else 1  # h_infer (+ h_train)
         ffn = T * E * (2 * D * H + H + D) + num_routers * T * (D * E + E)
     else:
-        ffn = 2 * k * T * D * D + T * k * D + T * D
+        ffn = 2 * kD * T * D + T * kD + T * D
     mixing = 4 * D * D + 4 * D if cfg.token_mixing == "self_attention" else 0
     has_mixing = cfg.token_mixing in ("multi_head", "self_attention")
     norms = (2 * D) * (int(has_mixing) + 1) if cfg.layer_norm else 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data.reader import ParquetReader
@@ -34,11 +35,15 @@ def evaluate(
     evaluator = ExactAUCEvaluator(task_names)
     preds: list[dict[str, torch.Tensor]] = []
     n = len(reader) if max_batches < 0 else min(max_batches, len(reader))
+    moe_stats = getattr(dense_arch_of(model), "moe_stats", None)
+    active_ratios: list[float] = []  # Sparse-MoE: measured fraction of active experts, per batch
     batches = iter(reader)
     for _ in tqdm(range(n), desc="eval", disable=not progress, leave=False):
         batch = next(batches).to(device, non_blocking=True)
         _, out = model(batch)
         evaluator.update(out.logits, out.labels, out.user_id, out.mask)
+        if callable(moe_stats) and "active_ratio" in (stats := moe_stats()):
+            active_ratios.append(stats["active_ratio"])
         if predictions_path is not None:
             m = out.mask
             preds.append(
@@ -51,6 +56,12 @@ def evaluate(
     if hasattr(batches, "close"):
         batches.close()
     metrics = evaluator.compute()
+    if active_ratios:  # mean over batches and ranks (every rank runs the same number of batches)
+        ratio = torch.tensor(sum(active_ratios) / len(active_ratios), dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(ratio)
+            ratio /= dist.get_world_size()
+        metrics["moe/active_ratio"] = ratio.item()
     if predictions_path is not None:
         write_predictions(predictions_path, preds, task_names)
     model.train(was_training)
@@ -60,6 +71,14 @@ def evaluate(
 def dense_arch_of(dmp: torch.nn.Module) -> torch.nn.Module:
     """The dense arch inside DistributedModelParallel(RankingTrainWrapper(RankingModel))."""
     return dmp.module.model.dense_arch
+
+
+def activated_flops_per_sample(dense_arch: torch.nn.Module, active_ratio: float | None) -> float:
+    """Forward FLOPs per sample the dense arch computes at serving: for a Sparse-MoE RankMixer, at the
+    measured active-expert ratio (eval's "moe/active_ratio"); for anything else, all of it."""
+    if active_ratio is not None and getattr(dense_arch, "moe_ffns", lambda: [])():
+        return dense_arch.flops_per_sample(active_ratio)
+    return dense_arch.flops_per_sample()
 
 
 def evaluate_inference_modes(

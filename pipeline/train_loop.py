@@ -30,7 +30,7 @@ from models.ranking import RankingModel, RankingTrainWrapper
 from pipeline.checkpoint import CheckpointManager, agree_on_path
 from pipeline.config import TrainConfig
 from pipeline.dist import DistInfo, broadcast_object, init_distributed
-from pipeline.evaluate import dense_arch_of, evaluate, evaluate_inference_modes
+from pipeline.evaluate import activated_flops_per_sample, dense_arch_of, evaluate, evaluate_inference_modes
 from pipeline.optim import build_optimizer, fuse_sparse_optimizer, set_initial_accumulator
 from pipeline.run_log import RunLog, setup_logging
 from pipeline.sharding import shard_model, table_names
@@ -282,6 +282,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         summary.update(evaluate_inference_modes(dmp, test_reader, info.device, task_names, -1, preds))
         summary["split"] = cfg.data.split
         runlog.log("test", pos.step, summary["test"])
+    dense_arch = dense_arch_of(dmp)
+    summary["dense_flops_per_sample"] = dense_arch.flops_per_sample()  # every expert, for Sparse-MoE
+    summary["activated_flops_per_sample"] = activated_flops_per_sample(
+        dense_arch, summary.get("test", {}).get("moe/active_ratio")
+    )
     if info.is_main:
         write_json_atomic(run_dir / "metrics.json", summary)
         log.info("metrics: %s", run_dir / "metrics.json")

@@ -60,6 +60,8 @@ def test_h_infer_gets_task_and_l_reg_gradient_h_train_only_task(dtsi_mix: str) -
     ffn = tiny_ffn(dtsi_mix=dtsi_mix).train()
     x = torch.randn(T, B, D)
     lam = ffn.lambda_.item()  # the forward uses this lambda, then updates it
+    with torch.no_grad():
+        gates = F.relu(ffn.router_logits(x))  # (T, B, E), before the forward moves the controller bias
     v = ffn(x)  # (T, B, D)
     task_loss = (v * torch.randn_like(v)).sum()
     aux = ffn.aux_loss()
@@ -73,13 +75,13 @@ def test_h_infer_gets_task_and_l_reg_gradient_h_train_only_task(dtsi_mix: str) -
     assert all(g.abs().sum() == 0 for g in reg_train), "h_train must get no L_reg gradient"
     assert all(g.abs().sum() == 0 for g in _grads(aux, [ffn.w1, ffn.w2])), "L_reg reaches routers only"
     # L_reg = eq. 11 per sample: d(lambda * L_reg)/d b_infer[t, j] = lambda * (active fraction of the slot)
-    gates = F.relu(ffn.router_logits(x))  # (T, B, E)
     torch.testing.assert_close(reg_infer[1], lam * (gates > 0).float().mean(dim=1, keepdim=True))
 
 
-def test_infer_value_trains_experts_that_h_infer_switched_off() -> None:
+@pytest.mark.parametrize("dtsi_mix", DTSI_MIXES)
+def test_dtsi_trains_experts_that_h_infer_switched_off(dtsi_mix: str) -> None:
     """Dense training: an expert with G_infer = 0 everywhere but G_train > 0 still gets the task gradient."""
-    ffn = tiny_ffn(dtsi_mix="infer_value").train()
+    ffn = tiny_ffn(dtsi_mix=dtsi_mix).train()
     with torch.no_grad():
         ffn.router_b[1, 0, 2] = -1e3  # token 1, expert 2: off under h_infer for every sample
         ffn.train_router_b[1, 0, 2] = 1e3  # ... and on under h_train
@@ -89,8 +91,9 @@ def test_infer_value_trains_experts_that_h_infer_switched_off() -> None:
 
 
 def test_infer_value_train_forward_equals_inference() -> None:
-    """The default mix has no train/serve gap: the training forward value is the sparse inference output."""
-    ffn = tiny_ffn()
+    """infer_value has no train/serve gap: the training forward value is the sparse inference output
+    (bias_lr=0: the activation-bias controller would move h_infer between the two forwards)."""
+    ffn = tiny_ffn(dtsi_mix="infer_value", bias_lr=0.0)
     x = torch.randn(T, B, D)
     train_out = ffn.train()(x)
     ffn.eval()
@@ -181,7 +184,14 @@ def test_sparse_flops_fall_with_the_active_ratio() -> None:
 
 
 def test_lambda_controller_steers_the_active_ratio_to_the_target() -> None:
-    cfg = tiny_cfg(moe_num_experts=8, moe_active_ratio=0.25, moe_lambda_init=1e-3, moe_lambda_lr=0.1)
+    cfg = tiny_cfg(
+        moe_num_experts=8,
+        moe_active_ratio=0.25,
+        moe_lambda_init=1e-3,
+        moe_lambda_lr=0.1,
+        moe_bias_lr=0.0,
+        moe_dtsi_mix="infer_value",  # lambda alone: no bias controller; a mix that keeps gates on
+    )
     model = RankMixer(cfg)
     groups = tiny_groups(batch=64, seed=1)
     labels = (torch.cat(groups, -1)[:, :2] > 0).float()
@@ -204,6 +214,33 @@ def test_lambda_controller_steers_the_active_ratio_to_the_target() -> None:
     with torch.no_grad():
         model(groups)
     assert all(torch.equal(a, f.lambda_) for a, f in zip(lambdas, model.moe_ffns()))
+
+
+def _train_ratio(cfg: RankMixerConfig, steps: int, lr: float = 1e-2) -> float:
+    """Trains a RankMixer on a toy task; the mean active ratio of the last 50 steps."""
+    torch.manual_seed(0)
+    model = RankMixer(cfg)
+    groups = tiny_groups(batch=64, seed=1)
+    labels = (torch.cat(groups, -1)[:, :2] > 0).float()
+    opt = torch.optim.RMSprop(model.parameters(), lr=lr)
+    ratios = []
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(model(groups), labels) + model.aux_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ratios.append(model.moe_stats()["active_ratio"])
+    return sum(ratios[-50:]) / 50
+
+
+def test_activation_bias_holds_a_target_above_where_the_task_gradient_drives_the_gates():
+    # L1 can only push gates down: when the task gradient switches experts off (reports/moe.md), lambda
+    # sits at its floor and the ratio stays under the target. The bias controller lifts it back.
+    cfg = dict(moe_num_experts=8, moe_active_ratio=0.75, moe_lambda_init=1e-3)
+    without = _train_ratio(tiny_cfg(**cfg, moe_bias_lr=0.0), 300)
+    with_bias = _train_ratio(tiny_cfg(**cfg, moe_bias_lr=0.05), 300)
+    assert without < 0.65, without
+    assert abs(with_bias - 0.75) < 0.05, (without, with_bias)
 
 
 def test_lambda_steps_multiplicatively_in_both_directions_and_is_checkpointed() -> None:

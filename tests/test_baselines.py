@@ -1,0 +1,92 @@
+"""Baseline dense archs (models/baselines.py): one interface with RankMixer, honest params and FLOPs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.baselines import SCALE_FIELD
+from models.ranking import DENSE_ARCHS, build_dense_arch
+
+GROUP_DIMS = [20, 36, 12, 8, 28]
+BASELINES = [a for a in DENSE_ARCHS if a != "rankmixer"]
+
+
+def small_cfg(arch: str) -> dict:
+    cfg: dict = {"arch": arch}
+    if arch == "rankmixer":
+        cfg.update(num_tokens=4, dim=16)
+    return cfg
+
+
+def groups(batch: int = 5) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    return [torch.randn(batch, d) for d in GROUP_DIMS]
+
+
+def test_every_dense_arch_has_a_preset_scale_field_and_a_typed_config():
+    assert set(SCALE_FIELD) == set(DENSE_ARCHS)
+    for arch, (config_cls, _) in DENSE_ARCHS.items():
+        assert SCALE_FIELD[arch] in {f.name for f in dataclasses.fields(config_cls)}
+
+
+@pytest.mark.parametrize("arch", BASELINES)
+def test_baseline_maps_groups_to_one_logit_per_task_and_learns(arch: str):
+    model = build_dense_arch(small_cfg(arch), GROUP_DIMS, num_tasks=3)
+    x = groups(64)
+    labels = (x[0][:, :3] > 0).float()  # learnable from the input
+    assert model(x).shape == (64, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), labels)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first, (arch, first, loss.item())
+
+
+@pytest.mark.parametrize("arch", list(DENSE_ARCHS))
+def test_flops_per_sample_matches_the_flop_counter(arch: str):
+    model = build_dense_arch(small_cfg(arch), GROUP_DIMS, num_tasks=2)
+    batch = 4
+    with FlopCounterMode(display=False) as counter:
+        model(groups(batch))
+    counted = counter.get_total_flops() / batch
+    if arch == "autoint":  # CPU scaled_dot_product_attention is not counted by FlopCounterMode
+        cfg = model.cfg
+        counted += cfg.num_layers * 2 * 2 * cfg.num_tokens**2 * cfg.dim
+    assert model.flops_per_sample() == pytest.approx(counted, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", BASELINES)
+def test_num_params_counts_every_dense_parameter_and_grows_with_the_scale_field(arch: str):
+    model = build_dense_arch(small_cfg(arch), GROUP_DIMS, num_tasks=2)
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    field = SCALE_FIELD[arch]
+    default = getattr(model.cfg, field)
+    bigger = build_dense_arch({**small_cfg(arch), field: 2 * default}, GROUP_DIMS, num_tasks=2)
+    assert bigger.num_params() > 1.5 * model.num_params()
+
+
+class _GroupsAsArgs(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, g0: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, g3: torch.Tensor, g4: torch.Tensor
+    ):
+        return self.model([g0, g1, g2, g3, g4])  # symbolic_trace needs one tensor argument per group
+
+
+@pytest.mark.parametrize("arch", BASELINES)
+def test_baseline_forward_is_fx_traceable_for_the_sparse_dist_pipeline(arch: str):
+    model = build_dense_arch(small_cfg(arch), GROUP_DIMS, num_tasks=2)
+    traced = torch.fx.symbolic_trace(_GroupsAsArgs(model))
+    x = groups()
+    torch.testing.assert_close(traced(*x), model(x))
