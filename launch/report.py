@@ -21,7 +21,7 @@ def print_report(summary: dict[str, Any], data_root: str, title: str | None = No
     if int(os.environ.get("RANK", "0")) != 0:
         return
     metrics, split = summary["test"], summary.get("split", "test")
-    tasks = sorted({k.split("/")[0] for k in metrics if "/" in k})
+    tasks = sorted({k.split("/")[0] for k in metrics if k.endswith("/auc")})
     oracle = oracle_metrics(data_root, split)
     print(f"\n== {title or 'test metrics'} (split {split!r}, {int(metrics.get('rows', 0))} rows)")
     header = f"{'task':<10}{'AUC':>8}{'oracle':>8}{'gap':>8}{'UAUC':>8}{'oracle':>8}{'gap':>8}{'UAUC-w':>8}"
@@ -40,6 +40,10 @@ def print_report(summary: dict[str, Any], data_root: str, title: str | None = No
             "  Sparse-MoE, same model with dense inference (every expert computed): "
             + " | ".join(f"{t} AUC {dense[f'{t}/auc']:.4f} UAUC {dense[f'{t}/uauc']:.4f}" for t in tasks)
         )
+    if "moe/active_ratio" in metrics:
+        flops = summary.get("activated_flops_per_sample"), summary.get("dense_flops_per_sample")
+        cost = f"; {flops[0] / 1e6:.3f} of {flops[1] / 1e6:.3f} MFLOP/sample computed" if all(flops) else ""
+        print(f"  Sparse-MoE serving: {metrics['moe/active_ratio']:.3f} of the experts active{cost}")
     extra = []
     if summary.get("train_samples_per_s"):
         extra.append(

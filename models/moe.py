@@ -13,23 +13,33 @@ Design choices:
    G_infer, averaged over the samples of the batch (eq. 11 per sample), so lambda is in loss units per unit
    of gate mass and does not depend on the batch size. aux_loss() = lambda * L_reg; it reaches h_infer only.
 4. How h_infer gets the task gradient (the paper leaves it open; `dtsi_mix`):
-   - "infer_value" (default): v = sum_j G_infer_j e_j + ST(sum_j G_train_j e_j), ST(z) = z - z.detach().
-     The forward VALUE is exactly the inference computation (zero train/serve gap: eval AUC measures what
-     was trained), so h_infer gets the exact task gradient and its gate magnitudes are fitted by the loss.
-     The zero-valued ST term makes training dense: every expert with G_train > 0 gets the task gradient
-     G_train_j * dL/dv (also the ones h_infer switched off, so no expert starves, as DTSI intends), and
-     h_train gets the task gradient <dL/dv, e_j> and no L_reg gradient. Caveat: h_train's objective is
-     first order only (nothing bounds its gate scale; it only scales expert gradients, which RMSProp
-     normalises): stats() reports the mean gate of both routers to watch it.
+   - "convex" (default): v = sum_j (G_train_j + G_infer_j) / 2 e_j. Both routers are in the forward with
+     exact gradients, so h_infer gets the true task gradient at its own gates (public code that feeds it
+     only the L1 gradient collapses it to zero) and h_train, which L_reg never touches, keeps the experts
+     that h_infer switches off trained (dense training). Serving uses h_infer alone, v = sum_j G_infer_j
+     e_j. The train/serve gap this leaves is measured, not assumed: the two routers get the same task
+     gradient, and on the built-in data the serving AUC at ratio 1/2 is within 0.007 of the dense model
+     (reports/moe.md).
+   - "infer_value": v = sum_j G_infer_j e_j + ST(sum_j G_train_j e_j), ST(z) = z - z.detach(): the forward
+     value is exactly the serving computation (no gap), but an expert's gradient is weighted by
+     G_infer + G_train while its output only counts through G_infer -- a biased gradient; nothing bounds
+     h_train's scale, and at the paper's lr 0.01 the training loss rises (valid AUC 0.70 vs 0.72 for convex
+     at step 400, reports/moe.md). Kept for comparison.
    - "train_value": v = sum_j (G_train_j + ST(G_infer_j)) e_j: forward = the dense router; h_infer gets
-     the task gradient h_train would get, at h_train's point. Nothing fits h_infer's gate magnitudes (its
-     task gradient does not depend on them; only L1 pulls them down), so serving can see another scale.
-   - "convex": v = sum_j (G_train_j + G_infer_j) / 2 e_j: both in the forward with exact gradients;
-     inference drops the G_train half (train/serve gap).
-5. Adaptive lambda (ReMoE): after each training forward, lambda *= exp(lambda_lr * sign(active - target)),
-   active = fraction of G_infer > 0 over (tokens, samples, experts), averaged over ranks when
-   torch.distributed is initialised (one scalar all_reduce per block: TorchRec's DDP does not broadcast
-   buffers, and ranks must not drift apart). Kept in a persistent buffer (checkpointed). No update in eval.
+     h_train's task gradient, but nothing fits h_infer's gate magnitudes, so serving sees another scale.
+5. Steering the active ratio toward `active_ratio`, two controllers, both per training step, both on
+   statistics averaged over ranks (one all_reduce of the (T, N_e) slot frequencies per block: TorchRec's
+   DDP does not broadcast buffers, and ranks must not drift apart), both in persistent buffers
+   (checkpointed), neither updated in eval:
+   - adaptive lambda (ReMoE, the paper's L_reg): lambda *= exp(lambda_lr * sign(active - target)). L1 can
+     only push gates *down*.
+   - activation bias (why: measured): on real data the task gradient itself switches ReLU gates off in the
+     first ~200 steps (randomly initialised experts add noise, and under RMSProp every router step is
+     full size), so the ratio falls under the target and lambda has nothing to steer. A bias c (T, 1, N_e)
+     added to h_infer's logits moves each slot toward the target in both directions,
+     c += bias_lr * sign(target - slot frequency) (as in DeepSeek-V3's auxiliary-loss-free balancing);
+     being per slot, it also revives dead experts. It is not a parameter: no gradient, no optimizer.
+   Router parameters also get a smaller lr (`optim.dense.router_lr_scale`, pipeline/optim.py).
 6. Baselines behind the same switch: "topk" (softmax over the k largest logits, k = round(N_e * ratio)
    unless top_k is set; unselected experts get gate 0, all experts still computed in training) and
    "topk_balanced" (+ Switch load-balancing loss N_e * sum_j f_j P_j per token, averaged over tokens).

@@ -1,0 +1,97 @@
+"""launch/experiment.py: sweep configs expand as written, budgets are solved, and a real 2-rank sweep
+writes its table, plots and raw results, and is not rerun when resumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from launch.experiment import load_sweep, main, solve_budget
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_budget_grid_expands_models_by_budgets_and_quick_keeps_its_subset(tmp_path: Path):
+    cfg_path = write(
+        tmp_path / "sweep.yaml",
+        """
+name: t
+overrides: [trainer.max_steps=100]
+seeds: [0, 1, 2]
+reference: "a @1M"
+cells: [{label: extra, overrides: [model.dim=32]}]
+budget_grid: {models: {a: [model=dlrm], b: [model=dcnv2]}, budgets: [1000000, 4000000]}
+quick: {overrides: [trainer.max_steps=5], seeds: [7], budgets: [1000000]}
+""",
+    )
+    cfg, cells = load_sweep(cfg_path, quick=False)
+    assert [c.label for c in cells] == ["extra", "a @1M", "b @1M", "a @4M", "b @4M"]
+    assert cells[1].params_budget == 1e6 and cells[1].line == "a" and cells[1].overrides == ["model=dlrm"]
+    assert cfg.seeds == [0, 1, 2]
+    cfg, cells = load_sweep(cfg_path, quick=True)
+    assert [c.label for c in cells] == ["extra", "a @1M", "b @1M"]
+    assert cfg.seeds == [7] and cfg.overrides == ["trainer.max_steps=100", "trainer.max_steps=5"]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("name: t\ncells: [{label: a, overides: []}]\n", "overides"),
+        ("name: t\nreference: nope\ncells: [{label: a}]\n", "reference 'nope'"),
+        ("name: t\ncells: [{label: a}, {label: a}]\n", r"duplicate cell labels \['a'\]"),
+    ],
+)
+def test_bad_sweep_config_is_rejected_naming_the_problem(tmp_path: Path, body: str, message: str):
+    with pytest.raises(SystemExit, match=message):
+        load_sweep(write(tmp_path / "bad.yaml", body), quick=False)
+
+
+@pytest.mark.parametrize("model", ["rankmixer_tiny", "dlrm", "dcnv2", "autoint", "wukong", "mmoe"])
+def test_solved_width_lands_near_the_parameter_budget(model: str):
+    name, width, params = solve_budget([f"model={model}"], 500_000)
+    assert abs(params - 500_000) / 500_000 < 0.1, (name, width, params)  # RankMixer's D steps by T
+
+
+@pytest.mark.slow
+def test_two_rank_sweep_writes_table_plots_results_and_skips_finished_runs(
+    small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg_path = write(
+        tmp_path / "sweep.yaml",
+        f"""
+name: e2e
+overrides: [data.root={small_dataset}, data.batch_size=256, trainer.max_steps=12, trainer.eval_every=0,
+            trainer.progress_bar=false, optim.dense.warmup_steps=4]
+seeds: [0]
+reference: rankmixer
+measure_speed: true
+cells:
+  - {{label: rankmixer, x: 1, overrides: [model=rankmixer_tiny, model.dim=16]}}
+  - {{label: smoe, x: 0.5, overrides: [model=rankmixer_tiny, model.dim=16, model.ffn=smoe,
+                                       model.moe_num_experts=4, model.moe_expert_mult=0.5]}}
+plots: [{{file: auc.png, y: finish/auc, x: x}}]
+""",
+    )
+    out = tmp_path / "report"
+    assert main([str(cfg_path), "--out", str(out)]) == 0
+    readme = (out / "README.md").read_text()
+    assert "| rankmixer |" in readme and "| smoe |" in readme and "Δ %" in readme and "active ratio" in readme
+    assert (out / "auc.png").stat().st_size > 1000
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert [c["label"] for c in cells] == ["rankmixer", "smoe"]
+    for cell in cells:
+        assert 0.4 < cell["stats"]["finish/auc"][0] < 1.0 and cell["speed"]["samples_per_s"] > 0
+    smoe = cells[1]
+    ratio = smoe["stats"]["moe/active_ratio"][0]
+    assert 0 < ratio <= 1
+    # activated FLOPs follow the measured ratio: below the every-expert count unless all are active
+    assert smoe["activated_flops"] <= smoe["dense_flops"]
+    capsys.readouterr()
+    assert main([str(cfg_path), "--out", str(out)]) == 0  # resumed: every run has its metrics.json
+    assert "done in" not in capsys.readouterr().out
