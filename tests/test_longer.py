@@ -1,0 +1,94 @@
+"""LONGER sequence module (models/longer.py): causality, padding, token merge, KV cache, recomputation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.longer import Longer, LongerConfig
+
+D_ITEM, D_CAND, D_USER = 12, 10, 6
+
+
+def make(merge_mode: str = "concat", **kw) -> Longer:
+    torch.manual_seed(0)
+    fields = dict(item_dim=D_ITEM, candidate_dim=D_CAND, user_dim=D_USER, dim=16, num_heads=2, num_layers=3,
+                  merge=4, merge_mode=merge_mode, inner_dim=8, recent_queries=3, max_len=64)  # fmt: skip
+    return Longer(LongerConfig(**{**fields, **kw})).eval()
+
+
+def inputs(batch: int = 4, length: int = 22, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    seq = torch.randn(batch, length, D_ITEM, generator=gen)
+    lengths = torch.tensor([length, 13, 1, 7][:batch])
+    for b, n in enumerate(lengths.tolist()):
+        seq[b, : length - n] = 0.0  # left padding: the most recent item is last
+    cand = torch.randn(batch, D_CAND, generator=gen)
+    user = torch.randn(batch, D_USER, generator=gen)
+    return seq, lengths, cand, user
+
+
+@pytest.mark.parametrize("mode", ["concat", "inner"])
+def test_token_merge_groups_k_items_aligned_to_the_most_recent(mode: str):
+    model = make(mode)
+    seq, lengths, _, _ = inputs(length=22)  # pad 2 on the left -> 24 = 6 tokens of 4 items
+    tokens, valid = model.merge_tokens(seq, lengths)
+    assert tokens.shape == (4, 6, 16) and valid.shape == (4, 6)
+    assert valid.sum(1).tolist() == [6, 4, 1, 2]  # ceil(length / 4): partial groups are the oldest
+    out = model(*inputs())
+    assert out.shape == (4, model.cfg.num_globals, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mode", ["concat", "inner"])
+def test_a_later_item_never_influences_an_earlier_query(mode: str):
+    model = make(mode, recent_queries=6)
+    seq, lengths, _, _ = inputs(batch=1, length=24)
+    before = model.sequence_states(seq, lengths).recent  # (1, 6, D): merged positions 0..5
+    changed = seq.clone()
+    changed[0, 13] += 5.0  # item 13 lies in merged token 3 (items 12..15)
+    after = model.sequence_states(changed, lengths).recent
+    torch.testing.assert_close(after[0, :3], before[0, :3])  # earlier queries: untouched in every layer
+    assert (after[0, 3:] - before[0, 3:]).abs().amax() > 1e-3  # it and later ones see it
+
+
+@pytest.mark.parametrize("mode", ["concat", "inner"])
+def test_padding_does_not_change_the_outputs(mode: str):
+    model = make(mode)
+    seq, lengths, cand, user = inputs(length=22)
+    longer_pad = torch.cat([torch.randn(4, 9, D_ITEM), seq], dim=1)  # 9 more junk items on the left
+    torch.testing.assert_close(model(longer_pad, lengths, cand, user), model(seq, lengths, cand, user))
+
+
+@pytest.mark.parametrize("mode", ["concat", "inner"])
+def test_kv_cache_scores_equal_uncached_scores_for_many_candidates(mode: str):
+    model = make(mode)
+    seq, lengths, _, user = inputs(batch=3, length=22)
+    n = 40
+    user_index = torch.arange(n) % 3
+    cand = torch.randn(n, D_CAND)
+    cache = model.encode_user(seq, lengths)  # once per user
+    cached = model.score_candidates(cache, user_index, cand, user)
+    with torch.no_grad():
+        full = model(seq[user_index], lengths[user_index], cand, user[user_index])
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_recomputation_gives_the_same_gradients():
+    seq, lengths, cand, user = inputs()
+    grads = []
+    for recompute in ((), (True, False, True)):
+        model = make(recompute=recompute).train()
+        model(seq, lengths, cand, user).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_config_and_too_long_sequences_are_rejected():
+    with pytest.raises(ValueError, match="merge_mode"):
+        make(merge_mode="pool")
+    with pytest.raises(ValueError, match="recompute"):
+        make(recompute=(True,))
+    model = make(max_len=16)
+    with pytest.raises(ValueError, match="max_len=16"):
+        model(*inputs(length=22))
