@@ -325,4 +325,5 @@ class SparseMoEFFN(nn.Module):
             stats["lambda"] = self.lambda_.item()
             infer_gate, train_gate = self.last_gate_mean.tolist()  # of the last training forward
             stats["infer_gate_mean"], stats["train_gate_mean"] = infer_gate, train_gate
+            stats["gate_bias_mean"] = self.gate_bias.mean().item()  # the activation-bias controller
         return stats

@@ -41,54 +41,60 @@ def set_initial_accumulator(dmp: DistributedModelParallel, value: float) -> None
 ROUTER_PARAM_MARK = "router_"  # SparseMoEFFN's router_w/_b (h_infer) and train_router_w/_b (h_train)
 
 
-def _dense_optimizer_factory(cfg: DenseOptimConfig, lr: float):  # noqa: ANN202 - params -> Optimizer
+def _dense_optimizer_factory(cfg: DenseOptimConfig, router_ids: set[int]):  # noqa: ANN202
+    """params -> Optimizer with two param groups: the router parameters (`lr_scale` = router_lr_scale)
+    and the rest (`lr_scale` = 1). Every group's lr is cfg.lr * lr_scale."""
     name = cfg.name.lower()
-    if name == "rmsprop":
-        return lambda p: torch.optim.RMSprop(
-            p, lr=lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    if name == "adam":
-        return lambda p: torch.optim.Adam(p, lr=lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if name == "adagrad":
-        return lambda p: torch.optim.Adagrad(p, lr=lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if name == "sgd":
-        return lambda p: torch.optim.SGD(p, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optim.dense.name: unknown optimizer {cfg.name!r} (rmsprop | adam | adagrad | sgd)")
+    makers = {
+        "rmsprop": lambda g: torch.optim.RMSprop(
+            g, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        ),
+        "adam": lambda g: torch.optim.Adam(g, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay),
+        "adagrad": lambda g: torch.optim.Adagrad(g, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay),
+        "sgd": lambda g: torch.optim.SGD(g, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+    }
+    if name not in makers:
+        raise ValueError(f"optim.dense.name: unknown optimizer {cfg.name!r} (rmsprop | adam | adagrad | sgd)")
+
+    def factory(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        groups = [
+            {"params": [p for p in params if id(p) not in router_ids], "lr_scale": 1.0},
+            {"params": [p for p in params if id(p) in router_ids], "lr_scale": cfg.router_lr_scale},
+        ]
+        groups = [g for g in groups if g["params"]]
+        for g in groups:
+            g["lr"] = cfg.lr * g["lr_scale"]
+        return makers[name](groups)
+
+    return factory
 
 
-def _warmed_up(params: dict[str, torch.Tensor], cfg: DenseOptimConfig, lr: float) -> KeyedOptimizer:
-    """One keyed optimizer at peak lr `lr` with its own linear warmup. TorchRec's `WarmupOptimizer` writes
-    one lr into every param group it wraps, so a group with another lr needs its own warmup."""
-    opt: KeyedOptimizer = KeyedOptimizerWrapper(params, _dense_optimizer_factory(cfg, lr))
-    if cfg.warmup_steps > 0:
-        opt = WarmupOptimizer(
-            opt,
-            stages=[
-                WarmupStage(WarmupPolicy.LINEAR, max_iters=cfg.warmup_steps, value=1.0 / cfg.warmup_steps)
-            ],
-            lr=lr,
-        )
-    return opt
+class GroupScaledWarmupOptimizer(WarmupOptimizer):
+    """TorchRec's `WarmupOptimizer` writes one lr into every param group; this one then multiplies each
+    group's lr by its `lr_scale`, so the routers' smaller lr survives the warmup schedule."""
+
+    def _set_lr(self, iter_: int, stage_id: int) -> None:
+        super()._set_lr(iter_, stage_id)
+        for group in self.param_groups:
+            group[self._lr_param] *= group.get("lr_scale", 1.0)
 
 
 def build_dense_optimizer(named_params: dict[str, torch.Tensor], cfg: DenseOptimConfig) -> KeyedOptimizer:
-    """clip -> warmup -> RMSProp over the dense parameters. Router parameters get
-    `cfg.lr * cfg.router_lr_scale`; the clipping norm stays global over all dense grads."""
-    router = {k: p for k, p in named_params.items() if ROUTER_PARAM_MARK in k.rsplit(".", 1)[-1]}
-    dense: KeyedOptimizer
-    if router and cfg.router_lr_scale != 1.0:
-        rest = {k: p for k, p in named_params.items() if k not in router}
-        dense = CombinedOptimizer(
-            [
-                ("main", _warmed_up(rest, cfg, cfg.lr)),
-                ("router", _warmed_up(router, cfg, cfg.lr * cfg.router_lr_scale)),
-            ]
-        )
-    else:
-        dense = _warmed_up(named_params, cfg, cfg.lr)
+    """warmup -> clip -> RMSProp over the dense parameters. Router parameters (names containing
+    `ROUTER_PARAM_MARK`) step at `cfg.lr * cfg.router_lr_scale`; the clipping norm is global."""
+    router_ids = {id(p) for k, p in named_params.items() if ROUTER_PARAM_MARK in k.rsplit(".", 1)[-1]}
+    dense: KeyedOptimizer = KeyedOptimizerWrapper(named_params, _dense_optimizer_factory(cfg, router_ids))
     if cfg.grad_clip_norm > 0:
         dense = GradientClippingOptimizer(
             dense, clipping=GradientClipping.NORM, max_gradient=cfg.grad_clip_norm
+        )
+    if cfg.warmup_steps > 0:
+        dense = GroupScaledWarmupOptimizer(
+            dense,
+            stages=[
+                WarmupStage(WarmupPolicy.LINEAR, max_iters=cfg.warmup_steps, value=1.0 / cfg.warmup_steps)
+            ],
+            lr=cfg.lr,
         )
     return dense
 

@@ -1,7 +1,10 @@
 """Dense optimizer wiring: router parameters step at their own lr through warmup, clipping stays global."""
 
+import copy
+
 import pytest
 import torch
+from torchrec.optim.keyed import CombinedOptimizer
 
 from models.moe import SparseMoEFFN
 from pipeline.config import DenseOptimConfig
@@ -13,8 +16,8 @@ def _lrs(opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, float]
     return {name: lr_of[id(p)] for name, p in model.named_parameters()}
 
 
-def _step(opt: torch.optim.Optimizer, model: SparseMoEFFN) -> None:
-    x = torch.randn(model.num_tokens, 8, model.dim)
+def _step(opt: torch.optim.Optimizer, model: SparseMoEFFN, seed: int = 0) -> None:
+    x = torch.randn(model.num_tokens, 8, model.dim, generator=torch.Generator().manual_seed(seed))
     loss = model(x).square().mean() + model.aux_loss()
     opt.zero_grad()
     loss.backward()
@@ -43,18 +46,33 @@ def test_router_lr_scale_one_keeps_a_single_group_and_warmup_ramps_it():
     assert _lrs(opt, moe) == {n: pytest.approx(0.0019) for n, _ in moe.named_parameters()}  # 0.1 + 0.9/10
 
 
-def test_router_group_state_round_trips_through_state_dict():
+def test_resumed_optimizer_continues_exactly_like_the_uninterrupted_one():
+    # Through a CombinedOptimizer, as the pipeline saves it: a wrapper that snapshots a combined
+    # optimizer's (lazily built) state would save nothing, and resume would silently restart RMSProp.
+    cfg = DenseOptimConfig(lr=0.01, warmup_steps=4, router_lr_scale=0.1)
+
+    def build(moe: SparseMoEFFN) -> CombinedOptimizer:
+        return CombinedOptimizer([("dense", build_dense_optimizer(dict(moe.named_parameters()), cfg))])
+
     torch.manual_seed(0)
     moe = SparseMoEFFN(num_tokens=2, dim=8, num_experts=4, expert_hidden=16)
-    cfg = DenseOptimConfig(lr=0.01, warmup_steps=4, router_lr_scale=0.1)
-    opt = build_dense_optimizer(dict(moe.named_parameters()), cfg)
-    for _ in range(2):
-        _step(opt, moe)
-    state = opt.state_dict()
-    fresh = build_dense_optimizer(dict(moe.named_parameters()), cfg)
-    fresh.init_state()  # as the checkpoint loader does: keyed optimizers load into existing state
-    fresh.load_state_dict(state)  # warmup iteration restored: the lrs continue, not restart
-    assert _lrs(fresh, moe) == _lrs(opt, moe)
-    assert _lrs(fresh, moe)["router_w"] == pytest.approx(
-        0.001 * (0.25 + 0.75 * 2 / 4)
-    )  # torchrec's linear ramp at step 2 of 4
+    opt = build(moe)
+    for seed in range(3):
+        _step(opt, moe, seed)
+    saved_opt, saved_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(moe.state_dict())
+    assert any("router_w" in k for k in saved_opt["state"]) and any(
+        "__warmup" in k for k in saved_opt["state"]
+    )
+    for seed in range(3, 6):
+        _step(opt, moe, seed)
+
+    resumed = SparseMoEFFN(num_tokens=2, dim=8, num_experts=4, expert_hidden=16)
+    resumed.load_state_dict(saved_model)
+    opt2 = build(resumed)
+    opt2.init_state()  # as the checkpoint loader does: keyed optimizers load into existing state
+    opt2.load_state_dict(saved_opt)
+    for seed in range(3, 6):
+        _step(opt2, resumed, seed)
+    for (name, a), b in zip(moe.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert _lrs(opt2, resumed) == _lrs(opt, moe)

@@ -219,7 +219,7 @@ def test_sparse_moe_run_logs_routing_resumes_exactly_and_evaluates_sparse_and_de
     ok(run(train_cmd(dataset, part, *SMOE, f"trainer.max_steps={2 * steps}", "trainer.resume=auto")))
     a, b = records(full, "train"), records(part, "train")
     for step in (30, 40):  # task loss, lambda * L_reg and the lambda controller's state all resume exactly
-        for key in ("loss", "aux_loss", "moe/block0/lambda", "moe/active_ratio"):
+        for key in ("loss", "aux_loss", "moe/block0/lambda", "moe/block0/gate_bias_mean", "moe/active_ratio"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
     assert a[40]["aux_loss"] > 0 and 0 < a[40]["moe/active_ratio"] <= 1
 
@@ -242,3 +242,20 @@ def test_model_override_of_a_preset_field_is_type_checked(dataset: Path):
     )
     assert proc.returncode != 0
     assert "moe_num_experts" in proc.stderr
+
+
+@pytest.mark.parametrize("model", ["dlrm", "dcnv2", "autoint", "wukong", "mmoe"])
+def test_baseline_dense_arch_trains_pipelined_on_two_ranks_and_evaluates_on_one(
+    dataset: Path, tmp_path: Path, model: str
+):
+    run_dir = tmp_path / model
+    proc = ok(
+        run(train_cmd(dataset, run_dir, f"model={model}", "trainer.max_steps=16", "trainer.eval_every=0"))
+    )
+    assert "will be pipelined" in proc.stderr and "will NOT be pipelined" not in proc.stderr
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert trained["activated_flops_per_sample"] == trained["dense_flops_per_sample"] > 0
+    out = tmp_path / f"{model}-eval"
+    ok(run(eval_cmd(dataset, run_dir, out)))  # the checkpoint's config rebuilds the same arch on 1 rank
+    evaluated = json.loads((out / "metrics.json").read_text())
+    assert evaluated["test"]["finish/auc"] == pytest.approx(trained["test"]["finish/auc"], abs=1e-5)
