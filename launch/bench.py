@@ -5,10 +5,14 @@
     moe     Sparse-MoE RankMixer inference: samples/s of sparse inference (inactive experts skipped) at
             each active-expert ratio vs dense inference (every expert computed) with the same gates.
     loader  Parquet reader -> RecBatch throughput.
+    longer  LONGER sequence module: cost vs sequence length against full causal self-attention over the
+            raw sequence (FLOPs, training samples/s, activation memory with/without recomputation), and
+            KV-cache serving (candidates/s with and without the cache, 1/16/128 candidates per user).
 
 Examples:
     python launch/bench.py dense --preset rankmixer_small --batch-size 512 --steps 20 --device cpu
     python launch/bench.py moe --preset rankmixer_small_smoe --batch-size 512 --ratios 1,0.5,0.25,0.125
+    python launch/bench.py longer --lengths 256,1024,2048 --batch-size 32
 
 Imports torch (+ yaml to read a preset) only, never torchrec, so it runs on any GPU box with torch.
 Training FLOPs = 3 x forward FLOPs (backward = 2 x forward: grads w.r.t. inputs and weights).
@@ -410,11 +414,164 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--json", default=None, help="write the figures to this JSON file")
     moe.set_defaults(func=cmd_moe)
 
+    longer = sub.add_parser("longer", help="LONGER: cost vs length vs full attention; KV-cache serving")
+    longer.add_argument("--lengths", type=_ints, default=[256, 1024, 2048])
+    longer.add_argument("--batch-size", type=int, default=32, help="training batch of the cost table")
+    longer.add_argument("--candidates", type=_ints, default=[1, 16, 128], help="candidates per user")
+    longer.add_argument("--serving-candidates", type=int, default=256, help="candidates per serving call")
+    longer.add_argument("--dim", type=int, default=64)
+    longer.add_argument("--heads", type=int, default=2)
+    longer.add_argument("--layers", type=int, default=2)
+    longer.add_argument("--merge", type=int, default=8, help="K items per merged token")
+    longer.add_argument("--merge-mode", choices=["concat", "inner"], default="inner")
+    longer.add_argument("--recent", type=int, default=32, help="recent merged tokens that query")
+    longer.add_argument("--item-dim", type=int, default=56, help="width of one sequence item")
+    longer.add_argument("--steps", type=int, default=5)
+    longer.add_argument("--warmup", type=int, default=1)
+    longer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    longer.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    longer.add_argument("--json", default=None, help="write the figures to this JSON file")
+    longer.set_defaults(func=cmd_longer)
+
     # The loader's options live with it (data/loader_bench.py imports nothing heavy at module level).
     loader = sub.add_parser("loader", help="Parquet reader -> RecBatch throughput (rows/s) on one core")
     add_loader_arguments(loader)
     loader.set_defaults(func=cmd_loader)
     return parser
+
+
+def saved_activation_bytes(fn) -> int:  # noqa: ANN001 - a zero-argument callable running a forward
+    """Bytes of the tensors autograd saves for backward during `fn()`: the activation memory of a training
+    step, device independent (recomputed layers save only their inputs)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def cmd_longer(args: argparse.Namespace) -> dict:
+    """Per length: LONGER (token merge + hybrid attention) vs full causal self-attention over the raw
+    sequence (the same module with merge=1 and every token a query), training step time and activation
+    memory with and without recomputation; then KV-cache serving at the longest length."""
+    from models.longer import Longer, LongerConfig
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    item_dim, cand_dim, user_dim = args.item_dim, args.item_dim, args.item_dim
+    max_len = max(args.lengths)
+
+    def build(full: bool, recompute: bool) -> Longer:
+        cfg = LongerConfig(
+            item_dim=item_dim, candidate_dim=cand_dim, user_dim=user_dim, dim=args.dim,
+            num_heads=args.heads, num_layers=args.layers, merge=1 if full else args.merge,
+            merge_mode=args.merge_mode, recent_queries=max_len if full else args.recent,
+            max_len=max_len, recompute=(recompute,) * args.layers,
+        )  # fmt: skip
+        return Longer(cfg).to(device)
+
+    def inputs(batch: int, length: int):
+        seq = torch.randn(batch, length, item_dim, device=device)
+        lengths = torch.full((batch,), length, device=device)
+        return (
+            seq,
+            lengths,
+            torch.randn(batch, cand_dim, device=device),
+            torch.randn(batch, user_dim, device=device),
+        )
+
+    rows = []
+    for length in args.lengths:
+        x = inputs(args.batch_size, length)
+        for name, full in (("longer", False), ("full_attention", True)):
+            row = {"length": length, "model": name}
+            for recompute in (False, True):
+                model = build(full, recompute).train()
+                opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+
+                def step() -> None:
+                    model(*x).square().mean().backward()  # noqa: B023 - called inside this iteration
+                    opt.step()  # noqa: B023
+                    opt.zero_grad(set_to_none=True)  # noqa: B023
+
+                mem = saved_activation_bytes(lambda: model(*x).square().mean())  # noqa: B023
+                if not recompute:
+                    times = []
+                    for i in range(args.warmup + args.steps):
+                        synchronize(device)
+                        t0 = time.perf_counter()
+                        step()
+                        synchronize(device)
+                        if i >= args.warmup:
+                            times.append(time.perf_counter() - t0)
+                    sec = statistics.median(times)
+                    row["fwd_mflop_per_sample"] = model.flops_per_sample(length) / 1e6
+                    row["train_samples_per_s"] = args.batch_size / sec
+                row["activation_mib_recompute" if recompute else "activation_mib"] = mem / 2**20
+            rows.append(row)
+            print(
+                f"L={length:5d} {name:15s} {row['fwd_mflop_per_sample']:10.1f} MFLOP/sample "
+                f"{row['train_samples_per_s']:9.1f} samples/s  activations {row['activation_mib']:8.1f} MiB "
+                f"({row['activation_mib_recompute']:.1f} MiB with recomputation)",
+                flush=True,
+            )
+
+    model = build(False, False).eval()
+    serving = []
+    for per_user in args.candidates:
+        users = max(1, args.serving_candidates // per_user)
+        seq, lengths, _, user = inputs(users, max_len)
+        n = users * per_user
+        index = torch.arange(users, device=device).repeat_interleave(per_user)
+        cand = torch.randn(n, cand_dim, device=device)
+
+        def cached() -> torch.Tensor:
+            return model.score_candidates(model.encode_user(seq, lengths), index, cand, user)  # noqa: B023
+
+        def uncached() -> torch.Tensor:
+            with torch.no_grad():
+                return model(seq[index], lengths[index], cand, user[index])  # noqa: B023
+
+        timing = {}
+        for mode, fn in (("cached", cached), ("uncached", uncached)):
+            times = []
+            for i in range(args.warmup + args.steps):
+                synchronize(device)
+                t0 = time.perf_counter()
+                fn()
+                synchronize(device)
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            timing[mode] = n / statistics.median(times)
+        rates = {f"{k}_candidates_per_s": v for k, v in timing.items()}
+        speedup = timing["cached"] / timing["uncached"]
+        serving.append({"candidates_per_user": per_user, "users": users, **rates, "speedup": speedup})
+        print(
+            f"serving L={max_len} {per_user:4d} candidates/user: cached {timing['cached']:9.1f} "
+            f"uncached {timing['uncached']:9.1f} candidates/s, speedup {serving[-1]['speedup']:.2f}x",
+            flush=True,
+        )
+    result = {"device": str(device), "threads": torch.get_num_threads(), "config": vars(args).copy(),
+              "cost": rows, "serving": serving}  # fmt: skip
+    result["config"].pop("func", None)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _ints(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def cmd_loader(args: argparse.Namespace) -> dict:

@@ -92,3 +92,21 @@ def test_bad_config_and_too_long_sequences_are_rejected():
     model = make(max_len=16)
     with pytest.raises(ValueError, match="max_len=16"):
         model(*inputs(length=22))
+
+
+def test_bench_longer_reports_cost_memory_and_serving(tmp_path):
+    from launch.bench import main
+
+    out = tmp_path / "longer.json"
+    args = "longer --lengths 64,128 --batch-size 4 --candidates 1,8 --serving-candidates 8 --steps 1"
+    main([*args.split(), "--threads", "1", "--merge", "4", "--recent", "4", "--json", str(out)])
+    import json
+
+    result = json.loads(out.read_text())
+    by = {(r["length"], r["model"]): r for r in result["cost"]}
+    for length in (64, 128):
+        longer, full = by[(length, "longer")], by[(length, "full_attention")]
+        assert longer["fwd_mflop_per_sample"] < full["fwd_mflop_per_sample"] / 2
+        for row in (longer, full):
+            assert row["activation_mib_recompute"] < row["activation_mib"]
+    assert [s["candidates_per_user"] for s in result["serving"]] == [1, 8]
