@@ -73,6 +73,7 @@ class Quick:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     labels: list[str] = field(default_factory=list)  # cells to keep ([] = all)
     budgets: list[float] = field(default_factory=list)  # budget-grid budgets to keep ([] = all)
+    reference: str = ""  # replaces the sweep's reference ("" = keep it)
 
 
 @dataclass
@@ -109,6 +110,7 @@ def load_sweep(path: Path, quick: bool) -> tuple[SweepConfig, list[Cell]]:
         if cfg.quick.labels:
             cells = [c for c in cells if c.label in cfg.quick.labels]
         cfg.seeds = list(cfg.quick.seeds)
+        cfg.reference = cfg.quick.reference or cfg.reference
         cfg.overrides = [*cfg.overrides, *cfg.quick.overrides]
     labels = [c.label for c in cells]
     if len(set(labels)) != len(labels):

@@ -26,7 +26,7 @@ seeds: [0, 1, 2]
 reference: "a @1M"
 cells: [{label: extra, overrides: [model.dim=32]}]
 budget_grid: {models: {a: [model=dlrm], b: [model=dcnv2]}, budgets: [1000000, 4000000]}
-quick: {overrides: [trainer.max_steps=5], seeds: [7], budgets: [1000000]}
+quick: {overrides: [trainer.max_steps=5], seeds: [7], budgets: [1000000], reference: "b @1M"}
 """,
     )
     cfg, cells = load_sweep(cfg_path, quick=False)
@@ -36,6 +36,7 @@ quick: {overrides: [trainer.max_steps=5], seeds: [7], budgets: [1000000]}
     cfg, cells = load_sweep(cfg_path, quick=True)
     assert [c.label for c in cells] == ["extra", "a @1M", "b @1M"]
     assert cfg.seeds == [7] and cfg.overrides == ["trainer.max_steps=100", "trainer.max_steps=5"]
+    assert cfg.reference == "b @1M"
 
 
 @pytest.mark.parametrize(
