@@ -16,18 +16,23 @@ class RecBatch(Pipelineable):
     labels: torch.Tensor  # (B, n_tasks) float32, schema.labels order
     user_id: torch.Tensor  # (B,) int64, the raw user id column
     mask: torch.Tensor  # (B,) bool, False for padding rows (reader policy "pad")
+    # ID features looked up unpooled (sequence=longer: the sequence features and every feature sharing a
+    # table with them), keys = SparseArch.input_keys(...)[1]; None when the model pools everything
+    sequence: KeyedJaggedTensor | None = None
 
     @property
     def batch_size(self) -> int:
         return int(self.labels.shape[0])
 
     def to(self, device: torch.device, non_blocking: bool = False) -> RecBatch:
+        seq = self.sequence
         return RecBatch(
             dense=self.dense.to(device=device, non_blocking=non_blocking),
             sparse=self.sparse.to(device=device, non_blocking=non_blocking),
             labels=self.labels.to(device=device, non_blocking=non_blocking),
             user_id=self.user_id.to(device=device, non_blocking=non_blocking),
             mask=self.mask.to(device=device, non_blocking=non_blocking),
+            sequence=None if seq is None else seq.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -36,6 +41,8 @@ class RecBatch(Pipelineable):
         self.labels.record_stream(stream)
         self.user_id.record_stream(stream)
         self.mask.record_stream(stream)
+        if self.sequence is not None:
+            self.sequence.record_stream(stream)
 
     def pin_memory(self) -> RecBatch:
         return RecBatch(
@@ -44,4 +51,5 @@ class RecBatch(Pipelineable):
             labels=self.labels.pin_memory(),
             user_id=self.user_id.pin_memory(),
             mask=self.mask.pin_memory(),
+            sequence=None if self.sequence is None else self.sequence.pin_memory(),
         )

@@ -109,18 +109,27 @@ class _Chunk:
             vals,
         )
 
-    def to_batch(self, keys: Sequence[str], mask: np.ndarray) -> RecBatch:
-        lengths = np.concatenate([np.diff(o) for o in self.offsets])  # key-major, (K * B,)
-        values = np.concatenate(self.values)
-        kjt = KeyedJaggedTensor(
-            keys=list(keys), values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+    def kjt(self, keys: Sequence[str], wanted: Sequence[str]) -> KeyedJaggedTensor:
+        """The KJT of the `wanted` keys (in that order); `keys` names self.offsets / self.values."""
+        index = [list(keys).index(k) for k in wanted]
+        lengths = np.concatenate([np.diff(self.offsets[i]) for i in index])  # key-major, (K * B,)
+        values = np.concatenate([self.values[i] for i in index])
+        return KeyedJaggedTensor(
+            keys=list(wanted), values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
         )
+
+    def to_batch(
+        self, keys: Sequence[str], mask: np.ndarray, split: tuple[Sequence[str], Sequence[str]] | None = None
+    ) -> RecBatch:
+        """`split` = (pooled keys, unpooled keys): two KJTs, `sparse` and `sequence`; None: one KJT."""
+        sparse_keys, sequence_keys = split if split is not None else (keys, ())
         return RecBatch(
             dense=torch.from_numpy(np.ascontiguousarray(self.dense)),
-            sparse=kjt,
+            sparse=self.kjt(keys, sparse_keys),
             labels=torch.from_numpy(np.ascontiguousarray(self.labels)),
             user_id=torch.from_numpy(np.ascontiguousarray(self.user_id)),
             mask=torch.from_numpy(mask),
+            sequence=self.kjt(keys, sequence_keys) if sequence_keys else None,
         )
 
 
@@ -237,7 +246,21 @@ class _Decoder:
             o, v = self._ids(col[f.column], f, where)
             offsets.append(o)
             values.append(v)
+        self._check_aligned(offsets[len(s.sparse) :], where)
         return _Chunk(dense, labels, user_id, offsets, values)
+
+    def _check_aligned(self, offsets: list[np.ndarray], where: str) -> None:
+        """Sequence columns are aligned by position: every row has the same length in each of them."""
+        features = self.schema.sequence_features
+        for f, o in zip(features[1:], offsets[1:]):
+            bad = np.flatnonzero(np.diff(o) != np.diff(offsets[0]))
+            if len(bad):
+                row = int(bad[0])
+                raise DataError(
+                    f"{where}, column {f.column!r}: {int(np.diff(o)[row])} items in row {row}, but "
+                    f"{features[0].column!r} has {int(np.diff(offsets[0])[row])}; sequence columns must "
+                    "be aligned by position"
+                )
 
     def _ids(self, arr: pa.Array, f: SparseFeature | SequenceFeature, where: str) -> tuple[np.ndarray, ...]:
         n = len(arr)
@@ -318,6 +341,7 @@ class ParquetReader:
         seed: int = 0,
         policy: str = "drop_last",
         prefetch: int = 4,
+        split_keys: tuple[Sequence[str], Sequence[str]] | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -327,6 +351,11 @@ class ParquetReader:
             raise ValueError(f"policy {policy!r} not one of {POLICIES}")
         self.schema, self.batch_size, self.rank, self.world_size = schema, batch_size, rank, world_size
         self.shuffle, self.seed, self.policy, self.prefetch = shuffle, seed, policy, prefetch
+        if split_keys is not None:  # (pooled keys, unpooled keys): which KJT each schema feature goes to
+            unknown = sorted((set(split_keys[0]) | set(split_keys[1])) - set(schema.sparse_keys))
+            if unknown:
+                raise ValueError(f"split_keys: unknown feature(s) {unknown}")
+        self.split_keys = split_keys
         # windows are whole batches so that batch k always lies in window k * B // window
         self.window = max(1, shuffle_buffer // batch_size) * batch_size if shuffle else batch_size
         self.files = _list_files(files_or_dir)
@@ -467,14 +496,14 @@ class ParquetReader:
                 if real < B:  # pad policy only: repeat a real row, masked out
                     idx = np.concatenate([idx, np.full(B - real, idx[0])])
                     mask[real:] = False
-                yield window.take(idx).to_batch(keys, mask)
+                yield window.take(idx).to_batch(keys, mask, self.split_keys)
                 batch_no += 1
             w += 1
         if batch_no < self._num_batches:  # pad policy: this rank ran out of rows before the others
             pad = self._pad_row()
             mask = np.zeros(B, dtype=bool)
             for _ in range(batch_no, self._num_batches):
-                yield pad.take(np.zeros(B, dtype=np.int64)).to_batch(keys, mask)
+                yield pad.take(np.zeros(B, dtype=np.int64)).to_batch(keys, mask, self.split_keys)
 
     def _pad_row(self) -> _Chunk:
         """A real row to repeat in all-padding batches: the first row of this rank's (or any) shard."""

@@ -37,7 +37,7 @@ Design decisions (the abstract names the parts; where it is silent, the full pap
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -50,8 +50,9 @@ MERGE_MODES = ("concat", "inner")
 
 @dataclass
 class LongerConfig:
-    item_dim: int  # width of one sequence item (its aligned feature embeddings concatenated)
-    candidate_dim: int  # width of the candidate item's representation
+    # widths filled in by the pipeline (models/ranking.py) from the schema and the feature groups
+    item_dim: int = 0  # width of one sequence item (its aligned feature embeddings concatenated)
+    candidate_dim: int = 0  # width of the candidate item's representation
     user_dim: int = 0  # width of the user-level features (0: no user token)
     dim: int = 64  # D
     num_heads: int = 2
@@ -63,7 +64,10 @@ class LongerConfig:
     recent_queries: int = 16  # k most recent merged tokens that query in every layer
     ffn_mult: int = 2
     max_len: int = 2048  # longest sequence (positions are learned up to ceil(max_len / merge))
-    recompute: tuple[bool, ...] = ()  # per layer; () = none
+    recompute: list[bool] = field(default_factory=list)  # per layer; [] = none
+    # pipeline wiring: the semantic groups whose vectors form the candidate / user global tokens
+    candidate_groups: list[str] = field(default_factory=lambda: ["item", "author"])
+    user_groups: list[str] = field(default_factory=lambda: ["user"])
 
     def __post_init__(self) -> None:
         if self.merge_mode not in MERGE_MODES:

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from data.batch import RecBatch
 from data.schema import Schema
@@ -37,8 +37,9 @@ from models.baselines import (
     Wukong,
     WukongConfig,
 )
+from models.longer import Longer, LongerConfig
 from models.rankmixer import RankMixer, RankMixerConfig
-from models.sparse_arch import SparseArch, embedding_bag_configs
+from models.sparse_arch import SparseArch
 
 # arch name -> (config dataclass, module class). Plain dict, filled here: no import-time registration.
 DENSE_ARCHS: dict[str, tuple[type, type[nn.Module]]] = {
@@ -60,6 +61,8 @@ def dense_arch_config(model_cfg: Any, group_dims: list[int], num_tasks: int) -> 
     """The typed config of the dense arch named by `model_cfg["arch"]`, with the schema-derived fields set."""
     params = _as_dict(model_cfg)
     arch = params.pop("arch", "rankmixer")
+    for key in SEQUENCE_ARCH_KEYS:  # the sequence arch's, not the dense arch's
+        params.pop(key, None)
     if arch not in DENSE_ARCHS:
         raise ValueError(f"model.arch: unknown arch {arch!r} (known: {', '.join(sorted(DENSE_ARCHS))})")
     config_cls, _ = DENSE_ARCHS[arch]
@@ -68,6 +71,17 @@ def dense_arch_config(model_cfg: Any, group_dims: list[int], num_tasks: int) -> 
     if unknown:
         raise ValueError(f"model: unknown key(s) {unknown} for arch {arch!r} (known: {sorted(known)})")
     return config_cls(**{**params, "group_dims": list(group_dims), "num_tasks": num_tasks})
+
+
+SEQUENCE_ARCH_KEYS = ("sequence", "longer")
+
+
+def sequence_settings(model_cfg: Any) -> tuple[str, LongerConfig]:
+    """`model.sequence` (none | mean_pool | longer) and the LONGER options of a model config."""
+    params = _as_dict(model_cfg)
+    longer = params.get("longer") or {}
+    longer = longer if isinstance(longer, LongerConfig) else LongerConfig(**dict(longer))
+    return params.get("sequence", "mean_pool"), longer
 
 
 def build_dense_arch(model_cfg: Any, group_dims: list[int], num_tasks: int) -> nn.Module:
@@ -80,52 +94,114 @@ def signed_log(x: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureGroups(nn.Module):
-    """Pooled embeddings (KeyedTensor) + dense features (B, Nd) -> [ (B, d_g) for g in schema.groups ]."""
+    """Pooled embeddings (KeyedTensors) + dense features (B, Nd) -> {group: (B, d_g)}, then, with the
+    sequence arch's output added to its group, the ordered list the dense arch expects."""
 
-    def __init__(self, schema: Schema, dense_proj_dim: int) -> None:
+    def __init__(
+        self,
+        schema: Schema,
+        dense_proj_dim: int,
+        pooled_keys: list[str] | None = None,
+        extra: dict[str, int] | None = None,
+        loose_keys: list[str] | None = None,
+    ) -> None:
         super().__init__()
-        self.groups = list(schema.groups)
-        dims = {n: cfg.embedding_dim for cfg in embedding_bag_configs(schema) for n in cfg.feature_names}
+        pooled_keys = list(schema.sparse_keys) if pooled_keys is None else pooled_keys
+        # features handed over as separate (B, d) tensors rather than in the KeyedTensor (sequence=longer:
+        # the ones sharing a table with the sequence, pooled after their unpooled lookup)
+        loose = list(loose_keys or [])
+        self.loose_features = {g: [n for n in loose if schema.group_of(n) == g] for g in schema.groups}
+        self.extra = dict(extra or {})  # group -> width of a vector the model adds (LONGER's e_s)
+        dims = {n: t["embedding_dim"] for t in schema.tables().values() for n in t["feature_names"]}
         # Embedding features of each group, by name: a sharded EmbeddingBagCollection emits its keys in an
         # order that depends on the sharding plan, so a model trained on 2 ranks and evaluated on 1 must
         # select its columns by key, never by position. KeyedTensor.regroup does that in one fused op.
-        self.emb_features: list[list[str]] = [
-            [name for name in schema.sparse_keys if schema.group_of(name) == g] for g in self.groups
-        ]
-        emb_widths = [sum(dims[name] for name in names) for names in self.emb_features]
-        self.dense_index: dict[str, list[int]] = {
-            g: [i for i, dg in enumerate(schema.dense_groups) if dg == g] for g in self.groups
+        self.emb_features: dict[str, list[str]] = {
+            g: [name for name in pooled_keys if schema.group_of(name) == g] for g in schema.groups
         }
+        self.dense_index: dict[str, list[int]] = {
+            g: [i for i, dg in enumerate(schema.dense_groups) if dg == g] for g in schema.groups
+        }
+        widths = {
+            g: sum(dims[n] for n in (*self.emb_features[g], *self.loose_features[g]))
+            + (dense_proj_dim if self.dense_index[g] else 0)
+            + self.extra.get(g, 0)
+            for g in schema.groups
+        }
+        # a group left without any input (e.g. the sequence group with sequence=none) is dropped
+        self.groups = [g for g in schema.groups if widths[g] > 0]
+        self.group_dims = [widths[g] for g in self.groups]
         self.dense_proj = nn.ModuleDict(
-            {g: nn.Linear(len(idx), dense_proj_dim) for g, idx in self.dense_index.items() if idx}
+            {
+                g: nn.Linear(len(self.dense_index[g]), dense_proj_dim)
+                for g in self.groups
+                if self.dense_index[g]
+            }
         )
-        for g, idx in self.dense_index.items():
-            if idx:
-                self.register_buffer(f"dense_idx_{g}", torch.tensor(idx, dtype=torch.long), persistent=False)
-        self.group_dims = [
-            w + (dense_proj_dim if self.dense_index[g] else 0) for g, w in zip(self.groups, emb_widths)
-        ]
-        empty = [g for g, d in zip(self.groups, self.group_dims) if d == 0]
-        if empty:
-            raise ValueError(f"schema.groups: group(s) {empty} have no sparse or dense feature")
-        # Groups without embedding features get their dense projection alone.
-        self._emb_groups = [names for names in self.emb_features if names]
+        for g in self.dense_proj:
+            self.register_buffer(f"dense_idx_{g}", torch.tensor(self.dense_index[g]), persistent=False)
+        self._emb_groups = [self.emb_features[g] for g in self.groups if self.emb_features[g]]
 
-    def forward(self, embeddings: KeyedTensor, dense: torch.Tensor) -> list[torch.Tensor]:
-        parts = iter(KeyedTensor.regroup([embeddings], self._emb_groups))  # per group (B, w_g)
+    def parts(
+        self, embeddings: list[KeyedTensor], dense: torch.Tensor, loose: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{group: (B, w_g)} from the embeddings, the loose features and the dense features (no extras)."""
+        # indexed, not iterated: under the pipeline's fx tracing the regrouped list is one proxy
+        regrouped = KeyedTensor.regroup(embeddings, self._emb_groups)  # per group (B, w_g)
         dense = signed_log(dense)  # (B, Nd)
-        out = []
-        for g, names in zip(self.groups, self.emb_features):
-            part = next(parts) if names else None
+        out, i = {}, 0
+        for g in self.groups:
+            pieces = []
+            if self.emb_features[g]:
+                pieces.append(regrouped[i])
+                i += 1
+            pieces += [loose[n] for n in self.loose_features[g]] if loose else []
             if g in self.dense_proj:
-                proj = self.dense_proj[g](dense.index_select(1, getattr(self, f"dense_idx_{g}")))  # (B, p)
-                part = proj if part is None else torch.cat([part, proj], dim=1)  # (B, d_g)
-            out.append(part)
+                pieces.append(self.dense_proj[g](dense.index_select(1, getattr(self, f"dense_idx_{g}"))))
+            if pieces:
+                out[g] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         return out
+
+    def assemble(self, parts: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The dense arch's input: per group (in schema order) its extra vector first, then its parts."""
+        out = []
+        for g in self.groups:
+            pieces = [extra[g]] if g in self.extra else []
+            if g in parts:
+                pieces.append(parts[g])
+            out.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))  # (B, d_g)
+        return out
+
+    def forward(self, embeddings: KeyedTensor | list[KeyedTensor], dense: torch.Tensor) -> list[torch.Tensor]:
+        embeddings = embeddings if isinstance(embeddings, list) else [embeddings]
+        return self.assemble(self.parts(embeddings, dense), {})
+
+
+def pool_jagged(jt: JaggedTensor, pooling: str) -> torch.Tensor:
+    """Sum / mean of each row of a (B rows, values (N, d)) jagged tensor -> (B, d); empty rows give 0."""
+    lengths = jt.lengths()
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)  # (N,)
+    values = jt.values()
+    out = values.new_zeros(lengths.numel(), values.shape[1]).index_add(0, rows, values)  # (B, d)
+    if pooling == "mean":
+        out = out / lengths.clamp_min(1).unsqueeze(1).to(values.dtype)
+    return out
+
+
+def left_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Jagged rows (values (N, d), lengths (B,)) -> (B, max_len, d), each row right-aligned (most recent
+    item last) and zero on the left: one index_copy, no loop over rows."""
+    batch = lengths.numel()
+    offsets = torch.cumsum(lengths, 0) - lengths  # (B,)
+    rows = torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths)  # (N,)
+    pos = torch.arange(values.shape[0], device=lengths.device) - offsets[rows]  # (N,) position in its row
+    dest = rows * max_len + (max_len - lengths[rows]) + pos  # (N,)
+    out = values.new_zeros(batch * max_len, values.shape[1]).index_copy(0, dest, values)
+    return out.view(batch, max_len, values.shape[1])
 
 
 class RankingModel(nn.Module):
-    """sparse arch (TorchRec) -> feature groups -> dense arch -> logits (B, num_tasks)."""
+    """sparse arch (TorchRec) -> feature groups (+ sequence arch) -> dense arch -> logits (B, num_tasks)."""
 
     def __init__(
         self,
@@ -135,14 +211,58 @@ class RankingModel(nn.Module):
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        self.sparse_arch = SparseArch(schema, device=device)
-        self.feature_groups = FeatureGroups(schema, dense_proj_dim)
+        self.sequence_mode, longer_cfg = sequence_settings(model_cfg)
+        self.sparse_arch = SparseArch(schema, self.sequence_mode, device=device)
+        self.sequence_arch: Longer | None = None
+        extra = {}
+        group_keys = self.sparse_arch.pooled_keys  # pooled features, by group
+        if self.sequence_mode == "longer":
+            if schema.sequence is None:
+                raise ValueError("model.sequence=longer: the schema has no sequence features")
+            self.seq_features = [f.name for f in schema.sequence_features]
+            self.max_len = schema.sequence.max_len
+            self.pooled_unpooled = [  # features that share a table with the sequence: pooled after lookup
+                (f.name, f.pooling) for f in schema.sparse if f.name in self.sparse_arch.unpooled_keys
+            ]
+            loose_keys = [name for name, _ in self.pooled_unpooled]
+            base = FeatureGroups(schema, dense_proj_dim, group_keys, loose_keys=loose_keys)  # widths only
+            width = dict(zip(base.groups, base.group_dims))
+            for g in (*longer_cfg.candidate_groups, *longer_cfg.user_groups):
+                if g not in schema.groups:
+                    raise ValueError(f"model.longer: unknown group {g!r} (groups: {list(schema.groups)})")
+            seq_dims = {n: t["embedding_dim"] for t in schema.tables().values() for n in t["feature_names"]}
+            longer_cfg = dataclasses.replace(
+                longer_cfg,
+                item_dim=sum(seq_dims[n] for n in self.seq_features),
+                candidate_dim=sum(width.get(g, 0) for g in longer_cfg.candidate_groups),
+                user_dim=sum(width.get(g, 0) for g in longer_cfg.user_groups),
+                max_len=self.max_len,
+            )
+            self.sequence_arch = Longer(longer_cfg)
+            extra = {schema.sequence.group: longer_cfg.num_globals * longer_cfg.dim}
+        self.longer_cfg = longer_cfg
+        loose = [name for name, _ in getattr(self, "pooled_unpooled", [])]
+        self.feature_groups = FeatureGroups(schema, dense_proj_dim, group_keys, extra, loose_keys=loose)
         self.dense_arch = build_dense_arch(model_cfg, self.feature_groups.group_dims, len(schema.labels))
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        embeddings = self.sparse_arch(sparse)
-        groups = self.feature_groups(embeddings, dense)
-        return self.dense_arch(groups)  # (B, num_tasks)
+    def forward(
+        self, dense: torch.Tensor, sparse: KeyedJaggedTensor, sequence: KeyedJaggedTensor | None = None
+    ) -> torch.Tensor:
+        pooled, unpooled = self.sparse_arch(sparse, sequence)
+        if self.sequence_arch is None:
+            return self.dense_arch(self.feature_groups([pooled], dense))  # (B, num_tasks)
+        # features sharing a table with the sequence (looked up unpooled): pool them here
+        loose = {name: pool_jagged(unpooled[name], pooling) for name, pooling in self.pooled_unpooled}
+        parts = self.feature_groups.parts([pooled], dense, loose)
+        cfg = self.longer_cfg
+        lengths = unpooled[self.seq_features[0]].lengths()  # (B,): aligned features, one length
+        items = torch.cat([unpooled[n].values() for n in self.seq_features], dim=1)  # (N, d_item)
+        seq = left_padded(items, lengths, self.max_len)  # (B, max_len, d_item), most recent last
+        candidate = torch.cat([parts[g] for g in cfg.candidate_groups], dim=1)  # (B, d_cand)
+        user = torch.cat([parts[g] for g in cfg.user_groups], dim=1) if cfg.user_groups else None
+        e_s = self.sequence_arch(seq, lengths, candidate, user).flatten(1)  # (B, G * D)
+        group = next(iter(self.feature_groups.extra))
+        return self.dense_arch(self.feature_groups.assemble(parts, {group: e_s}))  # (B, num_tasks)
 
 
 class RankingOutput(NamedTuple):
@@ -172,10 +292,10 @@ class RankingTrainWrapper(nn.Module):
 
     def forward(self, batch: RecBatch) -> tuple[torch.Tensor, RankingOutput]:
         if self.autocast_dtype is None:
-            logits = self.model(batch.dense, batch.sparse)
+            logits = self.model(batch.dense, batch.sparse, batch.sequence)
         else:
             with torch.autocast(self.device_type, dtype=self.autocast_dtype):
-                logits = self.model(batch.dense, batch.sparse)
+                logits = self.model(batch.dense, batch.sparse, batch.sequence)
         logits = logits.float()  # (B, num_tasks)
         weight = batch.mask.to(logits.dtype).unsqueeze(1)  # (B, 1): padding rows contribute nothing
         bce = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")

@@ -6,8 +6,13 @@ Design choices:
 - A table's pooling is per table in TorchRec. Single-hot features are indifferent (sum == mean of one row),
   so the pooling comes from the table's multi-valued features; two multi-valued features that disagree are
   a schema error, raised here with both names.
-- Behaviour-sequence features are pooled bags here (`sequence=mean_pool`); the sequence's max length is
-  enforced by the reader, which keeps the most recent items.
+- Behaviour sequences (`model.sequence`): `mean_pool` pools them as bags here; `none` leaves them out;
+  `longer` looks them up unpooled with an `EmbeddingCollection` (sharded by the planner like the bags),
+  together with every other feature on the same tables (e.g. the candidate `item_id` shares the item
+  table with the sequence's item ids), so a shared table stays one table. The other features stay in the
+  bag collection. TorchRec's EmbeddingCollection needs one embedding dim for all its tables; a schema
+  whose sequence tables differ is a schema error. The sequence's max length is enforced by the reader,
+  which keeps the most recent items.
 - This module owns no distribution: `pipeline.sharding` shards it with `DistributedModelParallel`.
 """
 
@@ -15,9 +20,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from data.schema import Schema, SchemaError
 
@@ -46,30 +51,93 @@ def _table_pooling(schema: Schema, table: str, feature_names: list[str]) -> Pool
     return _POOLING[singles.pop() if len(singles) == 1 else "sum"]
 
 
-def embedding_bag_configs(schema: Schema) -> list[EmbeddingBagConfig]:
-    """The TorchRec table configs of a schema, in a stable (sorted) order."""
-    configs = []
+SEQUENCE_MODES = ("none", "mean_pool", "longer")
+
+
+def input_keys(schema: Schema, sequence: str = "mean_pool") -> tuple[list[str], list[str]]:
+    """(pooled keys, unpooled keys): the KJT keys of the bag collection and of the embedding collection,
+    in schema key order."""
+    if sequence not in SEQUENCE_MODES:
+        raise ValueError(f"model.sequence must be one of {SEQUENCE_MODES}, got {sequence!r}")
+    seq_names = {f.name for f in schema.sequence_features}
+    if sequence == "mean_pool":
+        return list(schema.sparse_keys), []
+    if sequence == "none":
+        return [k for k in schema.sparse_keys if k not in seq_names], []
+    table_of = {name: t for t, spec in schema.tables().items() for name in spec["feature_names"]}
+    unpooled_tables = {table_of[name] for name in seq_names}
+    unpooled = [k for k in schema.sparse_keys if table_of[k] in unpooled_tables]
+    return [k for k in schema.sparse_keys if k not in unpooled], unpooled
+
+
+def _tables_for(schema: Schema, keys: list[str]) -> list[tuple[str, dict, list[str]]]:
+    """(table, spec, features among `keys`) of every table some key uses, sorted by table name."""
+    wanted = set(keys)
+    out = []
     for table, spec in sorted(schema.tables().items()):
+        names = [n for n in spec["feature_names"] if n in wanted]
+        if names:
+            out.append((table, spec, names))
+    return out
+
+
+def embedding_bag_configs(schema: Schema, keys: list[str] | None = None) -> list[EmbeddingBagConfig]:
+    """The TorchRec bag configs of a schema's features `keys` (default: all), in a stable (sorted) order."""
+    configs = []
+    for table, spec, names in _tables_for(schema, list(schema.sparse_keys) if keys is None else keys):
         configs.append(
             EmbeddingBagConfig(
                 name=table,
                 num_embeddings=spec["num_embeddings"],
                 embedding_dim=spec["embedding_dim"],
-                feature_names=list(spec["feature_names"]),
-                pooling=_table_pooling(schema, table, list(spec["feature_names"])),
+                feature_names=names,
+                pooling=_table_pooling(schema, table, names),
             )
         )
     return configs
 
 
-class SparseArch(nn.Module):
-    """KJT of raw IDs (keys = `schema.sparse_keys`) -> KeyedTensor of pooled embeddings, one per feature."""
+def embedding_configs(schema: Schema, keys: list[str]) -> list[EmbeddingConfig]:
+    """Unpooled table configs for the embedding collection; one embedding dim for all (TorchRec's rule)."""
+    tables = _tables_for(schema, keys)
+    dims = {table: spec["embedding_dim"] for table, spec, _ in tables}
+    if len(set(dims.values())) > 1:
+        raise SchemaError(
+            f"sequence=longer looks up tables {sorted(dims)} unpooled, and TorchRec's EmbeddingCollection "
+            f"needs one embedding_dim for all of them; got {dims}"
+        )
+    return [
+        EmbeddingConfig(
+            name=table,
+            num_embeddings=spec["num_embeddings"],
+            embedding_dim=spec["embedding_dim"],
+            feature_names=names,
+        )  # fmt: skip
+        for table, spec, names in tables
+    ]
 
-    def __init__(self, schema: Schema, device: torch.device | None = None) -> None:
+
+class SparseArch(nn.Module):
+    """KJTs of raw IDs -> (pooled embeddings as a KeyedTensor, unpooled ones as {feature: JaggedTensor}).
+
+    `features` has the pooled keys, `unpooled` (sequence=longer only) the unpooled keys of `input_keys`."""
+
+    def __init__(self, schema: Schema, sequence: str = "mean_pool", device: torch.device | None = None):
         super().__init__()
+        self.pooled_keys, self.unpooled_keys = input_keys(schema, sequence)
         self.embedding_bag_collection = EmbeddingBagCollection(
-            tables=embedding_bag_configs(schema), device=device
+            tables=embedding_bag_configs(schema, self.pooled_keys), device=device
+        )
+        self.embedding_collection = (
+            EmbeddingCollection(tables=embedding_configs(schema, self.unpooled_keys), device=device)
+            if self.unpooled_keys
+            else None
         )
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.embedding_bag_collection(features)
+    def forward(
+        self, features: KeyedJaggedTensor, unpooled: KeyedJaggedTensor | None = None
+    ) -> tuple[KeyedTensor, dict[str, JaggedTensor] | None]:
+        pooled = self.embedding_bag_collection(features)
+        if self.embedding_collection is None:
+            return pooled, None
+        return pooled, self.embedding_collection(unpooled)

@@ -35,12 +35,18 @@ def model_preset_schemas() -> dict[str, type]:
     """Per dense arch, a typed Hydra node `model/<arch>_base`: `arch` plus every field of the arch's config
     dataclass except those filled in from the schema. Presets in conf/model/ extend it (defaults list), so
     any field can be overridden (`model.moe_num_experts=8`) and a wrong type or unknown key is an error."""
+    from models.longer import LongerConfig
     from models.ranking import DENSE_ARCHS  # the dense archs' own configs are the source of truth
 
     schemas = {}
     for arch, (config_cls, _) in DENSE_ARCHS.items():
         types = get_type_hints(config_cls)  # real types: the model modules use postponed annotations
-        fields = [("arch", str, field(default=arch))]
+        fields = [
+            ("arch", str, field(default=arch)),
+            # the sequence arch, the same for every dense arch: none | mean_pool | longer (models/ranking.py)
+            ("sequence", str, field(default="mean_pool")),
+            ("longer", LongerConfig, field(default_factory=LongerConfig)),
+        ]
         for f in dataclasses.fields(config_cls):
             if f.name in ("group_dims", "num_tasks"):
                 continue

@@ -22,11 +22,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from data.reader import ParquetReader
 from data.schema import Schema
-from models.ranking import RankingModel, RankingTrainWrapper
+from models.ranking import RankingModel, RankingTrainWrapper, sequence_settings
+from models.sparse_arch import input_keys
 from pipeline.checkpoint import CheckpointManager, agree_on_path
 from pipeline.config import TrainConfig
 from pipeline.dist import DistInfo, broadcast_object, init_distributed
@@ -76,6 +78,7 @@ def make_reader(cfg: TrainConfig, schema: Schema, info: DistInfo, split: str, tr
         seed=cfg.trainer.seed,
         policy="drop_last" if train else "pad",
         prefetch=d.prefetch,
+        split_keys=input_keys(schema, sequence_settings(cfg.model)[0]),  # bag / embedding collection KJTs
     )
 
 
@@ -138,7 +141,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
 
     dmp, optimizer = build_model(cfg, schema, info)
-    dense_params = sum(p.numel() for n, p in dmp.named_parameters() if "embedding_bags" not in n)
+    dense_params = sum(p.numel() for _, p in in_backward_optimizer_filter(dmp.named_parameters()))
     if info.is_main:
         log.info("dense params: %d; train batches/epoch/rank: %d", dense_params, len(train_reader))
 

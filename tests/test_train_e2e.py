@@ -259,3 +259,34 @@ def test_baseline_dense_arch_trains_pipelined_on_two_ranks_and_evaluates_on_one(
     ok(run(eval_cmd(dataset, run_dir, out)))  # the checkpoint's config rebuilds the same arch on 1 rank
     evaluated = json.loads((out / "metrics.json").read_text())
     assert evaluated["test"]["finish/auc"] == pytest.approx(trained["test"]["finish/auc"], abs=1e-5)
+
+
+LONGER = [
+    "model.sequence=longer",
+    "model.longer.dim=16",
+    "model.longer.merge=8",
+    "model.longer.recent_queries=4",
+]
+
+
+def test_longer_sequence_arch_trains_sharded_resumes_exactly_and_evaluates_on_one_rank(
+    dataset: Path, tmp_path: Path
+):
+    steps = 10
+    full = tmp_path / "full"
+    overrides = (*LONGER, f"trainer.max_steps={2 * steps}", f"trainer.checkpoint_every={steps}")
+    proc = ok(run(train_cmd(dataset, full, *overrides)))
+    # the unpooled EmbeddingCollection is sharded by the planner and pipelined like the bags
+    assert "model.sparse_arch.embedding_collection' will be pipelined" in proc.stderr
+    assert "will NOT be pipelined" not in proc.stderr
+    part = tmp_path / "part"
+    ok(run(train_cmd(dataset, part, *LONGER, f"trainer.max_steps={steps}", "trainer.final_eval=false")))
+    ok(run(train_cmd(dataset, part, *LONGER, f"trainer.max_steps={2 * steps}", "trainer.resume=auto")))
+    a, b = losses(full), losses(part)
+    for step in (2 * steps,):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    out = tmp_path / "eval1"
+    ok(run(eval_cmd(dataset, full, out)))
+    evaluated = json.loads((out / "metrics.json").read_text())
+    trained = json.loads((full / "metrics.json").read_text())
+    assert evaluated["test"]["finish/auc"] == pytest.approx(trained["test"]["finish/auc"], abs=1e-5)

@@ -1,0 +1,128 @@
+"""Sequence arch wiring (`model.sequence=none|mean_pool|longer`): which KJT each feature goes to, the
+unpooled EmbeddingCollection path, jagged -> left-padded sequences, and the LONGER output as a group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from data.reader import DataError, ParquetReader
+from data.schema import Schema, SchemaError
+from models.ranking import RankingModel, RankingTrainWrapper, left_padded, pool_jagged
+from models.sparse_arch import embedding_configs, input_keys
+
+SCHEMA = Schema.from_dict(
+    {
+        "name": "seq",
+        "labels": ["y"],
+        "user_id": "uid",
+        "groups": ["user", "item", "sequence"],
+        "dense": [{"name": "d", "group": "user"}],
+        "sparse": [
+            {"name": "u", "num_embeddings": 10, "embedding_dim": 8, "group": "user"},
+            {"name": "item", "num_embeddings": 20, "embedding_dim": 8, "group": "item"},
+        ],
+        "sequence": {
+            "group": "sequence",
+            "max_len": 6,
+            "features": [
+                {"name": "s_item", "num_embeddings": 20, "embedding_dim": 8, "table": "item"},
+                {"name": "s_act", "num_embeddings": 4, "embedding_dim": 8},
+            ],
+        },
+    }
+)
+LONGER = {"dim": 8, "num_heads": 2, "num_layers": 2, "merge": 2, "recent_queries": 2,
+          "candidate_groups": ["item"], "user_groups": ["user"]}  # fmt: skip
+
+
+def write(tmp_path: Path, s_act: list | None = None) -> Path:
+    cols = {
+        "y": pa.array([0, 1, 1, 0], pa.int8()),
+        "uid": pa.array([5, 6, 7, 8], pa.int64()),
+        "d": pa.array([0.5, 1.5, 2.5, 3.5], pa.float32()),
+        "u": pa.array([1, 2, 3, 4], pa.int64()),
+        "item": pa.array([3, 4, 5, 6], pa.int64()),
+        "s_item": pa.array([[1, 2, 3], [4], [], [5, 6, 7, 8, 9, 10, 11]], pa.list_(pa.int64())),
+        "s_act": pa.array(s_act or [[0, 1, 2], [3], [], [0, 1, 2, 3, 0, 1, 2]], pa.list_(pa.int64())),
+    }
+    path = tmp_path / "part-00000.parquet"
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+def read(path: Path, mode: str) -> list:
+    return list(ParquetReader(path, SCHEMA, batch_size=4, shuffle=False, split_keys=input_keys(SCHEMA, mode)))
+
+
+def test_input_keys_route_features_to_the_bag_or_the_embedding_collection():
+    assert input_keys(SCHEMA, "mean_pool") == (["u", "item", "s_item", "s_act"], [])
+    assert input_keys(SCHEMA, "none") == (["u", "item"], [])
+    # the candidate item shares the item table with the sequence: one table, looked up unpooled
+    assert input_keys(SCHEMA, "longer") == (["u"], ["item", "s_item", "s_act"])
+    with pytest.raises(ValueError, match="model.sequence"):
+        input_keys(SCHEMA, "pooled")
+
+
+def test_unpooled_tables_of_different_dims_are_a_schema_error():
+    d = SCHEMA.to_dict()
+    d["sequence"]["features"][1]["embedding_dim"] = 4
+    with pytest.raises(SchemaError, match="one embedding_dim"):
+        embedding_configs(Schema.from_dict(d), input_keys(Schema.from_dict(d), "longer")[1])
+
+
+def test_reader_splits_the_kjts_and_keeps_the_last_items(tmp_path: Path):
+    reader = ParquetReader(
+        write(tmp_path), SCHEMA, batch_size=4, shuffle=False, split_keys=input_keys(SCHEMA, "longer")
+    )
+    (batch,) = list(reader)
+    assert batch.sparse.keys() == ["u"] and batch.sequence.keys() == ["item", "s_item", "s_act"]
+    assert batch.sequence["s_item"].lengths().tolist() == [3, 1, 0, 6]  # max_len 6: the last 6 kept
+    assert batch.sequence["s_item"].values()[-6:].tolist() == [6, 7, 8, 9, 10, 11]
+
+
+def test_misaligned_sequence_columns_are_rejected_naming_column_and_row(tmp_path: Path):
+    path = write(tmp_path, s_act=[[0, 1, 2], [3, 3], [], [0, 1, 2, 3, 0, 1, 2]])
+    with pytest.raises(DataError, match=r"column 's_act': 2 items in row 1, but 's_item' has 1"):
+        list(ParquetReader(path, SCHEMA, batch_size=4, shuffle=False))
+
+
+def test_left_padding_and_pooling_match_a_per_row_reference():
+    lengths = torch.tensor([3, 0, 1, 2])
+    values = torch.arange(6 * 2, dtype=torch.float32).view(6, 2)
+    padded = left_padded(values, lengths, max_len=4)
+    start = 0
+    for b, n in enumerate(lengths.tolist()):
+        expect = torch.cat([torch.zeros(4 - n, 2), values[start : start + n]])
+        torch.testing.assert_close(padded[b], expect)  # most recent item last, zeros on the left
+        jt = JaggedTensor(values=values, lengths=lengths)
+        torch.testing.assert_close(pool_jagged(jt, "sum")[b], values[start : start + n].sum(0))
+        mean = values[start : start + n].mean(0) if n else torch.zeros(2)
+        torch.testing.assert_close(pool_jagged(jt, "mean")[b], mean)
+        start += n
+
+
+@pytest.mark.parametrize("mode", ["none", "mean_pool", "longer"])
+def test_ranking_model_trains_in_every_sequence_mode(tmp_path: Path, mode: str):
+    torch.manual_seed(0)
+    cfg = {"arch": "rankmixer", "num_tokens": 2, "dim": 8, "sequence": mode, "longer": LONGER}
+    model = RankingModel(SCHEMA, cfg)
+    groups = dict(zip(model.feature_groups.groups, model.feature_groups.group_dims))
+    # none: the sequence group keeps nothing (no dense feature) and is dropped; longer: G = 1 + 1 + 2 CLS
+    expected = {"none": None, "mean_pool": 16, "longer": 4 * 8}[mode]
+    assert groups.get("sequence") == expected
+    reader = ParquetReader(
+        write(tmp_path), SCHEMA, batch_size=4, shuffle=False, split_keys=input_keys(SCHEMA, mode)
+    )
+    (batch,) = list(reader)
+    loss, out = RankingTrainWrapper(model)(batch)
+    loss.backward()
+    assert torch.isfinite(out.logits).all()
+    if mode == "longer":  # the sequence reaches the logits; the bag collection holds only `u`
+        assert model.sequence_arch.merge_proj.weight.grad.abs().sum() > 0
+        assert list(model.sparse_arch.embedding_bag_collection.embedding_bags) == ["u"]
