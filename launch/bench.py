@@ -260,25 +260,34 @@ def cmd_dense(args: argparse.Namespace) -> dict:
             f"{r['interleaved_peak_gflop_s']:.1f}",
         )
         print(f"{r['model']:<24}" + "".join(f"{c:>13}" for c in cells))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
+
+
+def time_calls(fn, device: torch.device, steps: int, warmup: int) -> list[float]:  # noqa: ANN001
+    """Seconds per call of `fn()` (device-synchronised), one per timed call after `warmup` untimed ones."""
+    times = []
+    for i in range(warmup + steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """The benchmark's figures as JSON, if a path was given (`--json`)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
 
 
 def time_inference(model: nn.Module, groups: list[torch.Tensor], steps: int, warmup: int) -> list[float]:
     """Seconds per eval-mode forward, one per timed step."""
-    device = groups[0].device
-    times = []
     with torch.inference_mode():
-        for i in range(warmup + steps):
-            synchronize(device)
-            t0 = time.perf_counter()
-            model(groups)
-            synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return times
+        return time_calls(lambda: model(groups), groups[0].device, steps, warmup)
 
 
 def cmd_moe(args: argparse.Namespace) -> dict:
@@ -357,9 +366,7 @@ def cmd_moe(args: argparse.Namespace) -> dict:
             f"{r['dense_gflop_per_sample']:.4g}",
         )
         print("".join(f"{c:>12}" for c in cells))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 
@@ -503,15 +510,7 @@ def cmd_longer(args: argparse.Namespace) -> dict:
 
                 mem = saved_activation_bytes(lambda: model(*x).square().mean())  # noqa: B023
                 if not recompute:
-                    times = []
-                    for i in range(args.warmup + args.steps):
-                        synchronize(device)
-                        t0 = time.perf_counter()
-                        step()
-                        synchronize(device)
-                        if i >= args.warmup:
-                            times.append(time.perf_counter() - t0)
-                    sec = statistics.median(times)
+                    sec = statistics.median(time_calls(step, device, args.steps, args.warmup))
                     row["fwd_mflop_per_sample"] = model.flops_per_sample(length) / 1e6
                     row["train_samples_per_s"] = args.batch_size / sec
                 row["activation_mib_recompute" if recompute else "activation_mib"] = mem / 2**20
@@ -541,15 +540,7 @@ def cmd_longer(args: argparse.Namespace) -> dict:
 
         timing = {}
         for mode, fn in (("cached", cached), ("uncached", uncached)):
-            times = []
-            for i in range(args.warmup + args.steps):
-                synchronize(device)
-                t0 = time.perf_counter()
-                fn()
-                synchronize(device)
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - t0)
-            timing[mode] = n / statistics.median(times)
+            timing[mode] = n / statistics.median(time_calls(fn, device, args.steps, args.warmup))
         rates = {f"{k}_candidates_per_s": v for k, v in timing.items()}
         speedup = timing["cached"] / timing["uncached"]
         serving.append({"candidates_per_user": per_user, "users": users, **rates, "speedup": speedup})
@@ -561,9 +552,7 @@ def cmd_longer(args: argparse.Namespace) -> dict:
     result = {"device": str(device), "threads": torch.get_num_threads(), "config": vars(args).copy(),
               "cost": rows, "serving": serving}  # fmt: skip
     result["config"].pop("func", None)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

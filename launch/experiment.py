@@ -150,14 +150,14 @@ def compose(overrides: list[str]) -> Any:
     return cfg
 
 
-def build_dense_arch_for(cfg: Any) -> torch.nn.Module:
-    """The dense arch of a composed config, on the meta device (no memory, exact param count)."""
+def build_dense_arch_for(cfg: Any, device: str = "meta") -> torch.nn.Module:
+    """The dense arch of a composed config, on `device` (meta: no memory, exact param count)."""
     from data.schema import Schema
     from models.ranking import RankingModel
 
     schema = Schema.from_dict(OmegaConf.to_container(cfg.data.schema, resolve=True))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    with torch.device("meta"):
+    with torch.device(device):  # the embedding tables are never materialised: only the dense arch is used
         return RankingModel(schema, model_cfg, device=torch.device("meta")).dense_arch
 
 
@@ -232,13 +232,9 @@ def run_cell(cell_overrides: list[str], run_dir: Path, seed: int, nproc: int) ->
 
 def measure_dense_speed(cfg: Any, batch_size: int = 512) -> dict:
     """Training samples/s and MFU of the cell's dense arch alone (forward + backward + RMSProp), fp32."""
-    from data.schema import Schema
     from launch.bench import measure_training
-    from models.ranking import RankingModel
 
-    schema = Schema.from_dict(OmegaConf.to_container(cfg.data.schema, resolve=True))
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    dense = RankingModel(schema, model_cfg, device=torch.device("meta")).dense_arch
+    dense = build_dense_arch_for(cfg, device="cpu")
     torch.manual_seed(0)
     groups = [torch.randn(batch_size, d) for d in dense.cfg.group_dims]
     labels = torch.randint(0, 2, (batch_size, dense.cfg.num_tasks)).float()

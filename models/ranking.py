@@ -214,6 +214,7 @@ class RankingModel(nn.Module):
         self.sequence_mode, longer_cfg = sequence_settings(model_cfg)
         self.sparse_arch = SparseArch(schema, self.sequence_mode, device=device)
         self.sequence_arch: Longer | None = None
+        self.pooled_unpooled: list[tuple[str, str]] = []  # (feature, pooling) looked up unpooled, then pooled
         extra = {}
         group_keys = self.sparse_arch.pooled_keys  # pooled features, by group
         if self.sequence_mode == "longer":
@@ -239,9 +240,10 @@ class RankingModel(nn.Module):
                 max_len=self.max_len,
             )
             self.sequence_arch = Longer(longer_cfg)
-            extra = {schema.sequence.group: longer_cfg.num_globals * longer_cfg.dim}
+            self.sequence_group = schema.sequence.group
+            extra = {self.sequence_group: longer_cfg.num_globals * longer_cfg.dim}
         self.longer_cfg = longer_cfg
-        loose = [name for name, _ in getattr(self, "pooled_unpooled", [])]
+        loose = [name for name, _ in self.pooled_unpooled]
         self.feature_groups = FeatureGroups(schema, dense_proj_dim, group_keys, extra, loose_keys=loose)
         self.dense_arch = build_dense_arch(model_cfg, self.feature_groups.group_dims, len(schema.labels))
 
@@ -261,8 +263,7 @@ class RankingModel(nn.Module):
         candidate = torch.cat([parts[g] for g in cfg.candidate_groups], dim=1)  # (B, d_cand)
         user = torch.cat([parts[g] for g in cfg.user_groups], dim=1) if cfg.user_groups else None
         e_s = self.sequence_arch(seq, lengths, candidate, user).flatten(1)  # (B, G * D)
-        group = next(iter(self.feature_groups.extra))
-        return self.dense_arch(self.feature_groups.assemble(parts, {group: e_s}))  # (B, num_tasks)
+        return self.dense_arch(self.feature_groups.assemble(parts, {self.sequence_group: e_s}))
 
 
 class RankingOutput(NamedTuple):
