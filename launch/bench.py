@@ -475,21 +475,20 @@ def cmd_longer(args: argparse.Namespace) -> dict:
     item_dim, cand_dim, user_dim = args.item_dim, args.item_dim, args.item_dim
     max_len = max(args.lengths)
 
-    def build(full: bool, recompute: bool) -> Longer:
+    def build(full: bool, recompute: bool, length: int) -> Longer:
         cfg = LongerConfig(
             item_dim=item_dim, candidate_dim=cand_dim, user_dim=user_dim, dim=args.dim,
             num_heads=args.heads, num_layers=args.layers, merge=1 if full else args.merge,
-            merge_mode=args.merge_mode, recent_queries=max_len if full else args.recent,
-            max_len=max_len, recompute=(recompute,) * args.layers,
+            merge_mode=args.merge_mode, recent_queries=length if full else args.recent,
+            max_len=length, recompute=(recompute,) * args.layers,
         )  # fmt: skip
         return Longer(cfg).to(device)
 
     def inputs(batch: int, length: int):
-        seq = torch.randn(batch, length, item_dim, device=device)
-        lengths = torch.full((batch,), length, device=device)
+        """Every user with `length` items: jagged items (batch * length, d_item), lengths, cand, user."""
         return (
-            seq,
-            lengths,
+            torch.randn(batch * length, item_dim, device=device),
+            torch.full((batch,), length, device=device),
             torch.randn(batch, cand_dim, device=device),
             torch.randn(batch, user_dim, device=device),
         )
@@ -500,7 +499,7 @@ def cmd_longer(args: argparse.Namespace) -> dict:
         for name, full in (("longer", False), ("full_attention", True)):
             row = {"length": length, "model": name}
             for recompute in (False, True):
-                model = build(full, recompute).train()
+                model = build(full, recompute, length).train()
                 opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
 
                 def step() -> None:
@@ -522,21 +521,22 @@ def cmd_longer(args: argparse.Namespace) -> dict:
                 flush=True,
             )
 
-    model = build(False, False).eval()
+    model = build(False, False, max_len).eval()
     serving = []
     for per_user in args.candidates:
         users = max(1, args.serving_candidates // per_user)
-        seq, lengths, _, user = inputs(users, max_len)
+        items, lengths, _, user = inputs(users, max_len)
         n = users * per_user
         index = torch.arange(users, device=device).repeat_interleave(per_user)
         cand = torch.randn(n, cand_dim, device=device)
 
         def cached() -> torch.Tensor:
-            return model.score_candidates(model.encode_user(seq, lengths), index, cand, user)  # noqa: B023
+            return model.score_candidates(model.encode_user(items, lengths), index, cand, user)  # noqa: B023
 
         def uncached() -> torch.Tensor:
-            with torch.no_grad():
-                return model(seq[index], lengths[index], cand, user[index])  # noqa: B023
+            with torch.no_grad():  # every candidate's row carries its user's whole sequence
+                per_candidate = items.view(users, max_len, -1)[index].flatten(0, 1)  # noqa: B023
+                return model(per_candidate, lengths[index], cand, user[index])  # noqa: B023
 
         timing = {}
         for mode, fn in (("cached", cached), ("uncached", uncached)):

@@ -1,9 +1,10 @@
 """LONGER long-sequence module (Chai et al., arXiv 2505.04421), pure torch.
 
 Input: the user's behaviour sequence, one embedding per item (the aligned sequence features of an item
-concatenated), left-padded so the most recent item is last: (B, L, d_item) + lengths (B,); the candidate
-item's representation (B, d_cand); optional user-level features (B, d_user). Output e_s: the global
-tokens' outputs (B, G, D), fed to RankMixer as the sequence semantic group (RankMixer paper s3.2).
+concatenated), jagged as TorchRec's EmbeddingCollection hands it over: values (N, d_item), each row
+oldest first, + lengths (B,); the candidate item's representation (B, d_cand); optional user-level
+features (B, d_user). Output e_s: the global tokens' outputs (B, G, D), fed to RankMixer as the
+sequence semantic group (RankMixer paper s3.2).
 
 Design decisions (the abstract names the parts; where it is silent, the full paper as we read it):
 1. Global tokens: [candidate, user, CLS_1..CLS_c] projected to D, placed *after* the sequence in causal
@@ -16,7 +17,10 @@ Design decisions (the abstract names the parts; where it is silent, the full pap
    token. "concat": the K item embeddings concatenated (K d_item) and projected to D. "inner": a
    lightweight InnerTransformer (one pre-LN attention layer of width d_inner over the K items, padding
    masked) whose K outputs are concatenated and projected to D: intra-group order and interaction are
-   kept at K x lower cost than attention over the raw sequence.
+   kept at K x lower cost than attention over the raw sequence. The merge runs on the jagged items, and
+   the merged tokens are padded once to S = ceil(max_len / K): padding the raw items to max_len first
+   costs K x more memory traffic, which dominated the training step when typical histories are far
+   shorter than max_len (the built-in data: mean 25 items, max_len 256).
 3. Positions: a learned embedding per merged position counted back from the most recent token, so the
    same recent behaviour gets the same position whatever the history length.
 4. Hybrid attention: layer 1 is cross-causal: queries = global tokens + the k most recent merged tokens,
@@ -32,6 +36,12 @@ Design decisions (the abstract names the parts; where it is silent, the full pap
    layer, and each layer's sequence keys/values) does not depend on the candidate. `encode_user` runs it
    once per user; `score_candidates` runs only the G global queries per candidate against the cached
    keys/values, so cached and uncached outputs are equal up to float rounding.
+8. Output scale: e_s = LayerNorm(global outputs) with the gain initialised to `output_gain` (0.1), not 1.
+   RankMixer's multi-head token mixing puts a slice of every token into every token and then applies a
+   post-LN, so one group at unit RMS beside embedding groups at RMS ~0.2 drowns their slices. Measured
+   (reports/longer.md, 600 steps): at gain 1 LONGER trails feeding zeros in e_s's place by 0.0044 /
+   0.0107 finish / skip AUC; at gain 0.1 (learnable, free to grow) by 0.0017 / 0.0008, and after one
+   epoch it beats mean pooling (gain 1 did not).
 """
 
 from __future__ import annotations
@@ -58,11 +68,14 @@ class LongerConfig:
     num_heads: int = 2
     num_layers: int = 2  # 1 cross-causal + (num_layers - 1) self-causal
     num_cls: int = 2  # learnable CLS global tokens
-    merge: int = 4  # K items per merged token (1 = no merge)
+    merge: int = 8  # K items per merged token (1 = no merge)
     merge_mode: str = "concat"  # concat | inner (InnerTransformer)
     inner_dim: int = 32  # InnerTransformer width
-    recent_queries: int = 16  # k most recent merged tokens that query in every layer
+    recent_queries: int = 8  # k most recent merged tokens that query in every layer
     ffn_mult: int = 2
+    # initial gain of the output LayerNorm: e_s enters the RankMixer tokenizer next to embeddings of RMS
+    # ~0.2, and at gain 1 its unit-RMS tokens swamp the others after token mixing + post-LN (decision 8)
+    output_gain: float = 0.1
     max_len: int = 2048  # longest sequence (positions are learned up to ceil(max_len / merge))
     recompute: list[bool] = field(default_factory=list)  # per layer; [] = none
     # pipeline wiring: the semantic groups whose vectors form the candidate / user global tokens
@@ -170,7 +183,8 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor)
 
 
 class Longer(nn.Module):
-    """Sequence (B, L, d_item) + lengths + candidate (+ user) -> global-token outputs e_s (B, G, D)."""
+    """Jagged sequence (N, d_item) + lengths (B,) + candidate (+ user) -> global-token outputs e_s
+    (B, G, D)."""
 
     def __init__(self, cfg: LongerConfig) -> None:
         super().__init__()
@@ -189,26 +203,45 @@ class Longer(nn.Module):
         self.cls = nn.Parameter(torch.randn(cfg.num_cls, D) * 0.02)  # (c, D)
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.ffn_mult) for _ in range(cfg.num_layers))
         self.norm_out = nn.LayerNorm(D)
+        nn.init.constant_(self.norm_out.weight, cfg.output_gain)
 
-    def merge_tokens(self, seq: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, d_item) left-padded + lengths -> merged tokens with positions (B, S, D), valid (B, S)."""
-        B, L, _ = seq.shape
-        K = self.cfg.merge
-        if L > self.cfg.max_len:
-            raise ValueError(f"sequence length {L} > longer.max_len={self.cfg.max_len}")
-        pad = (-L) % K
-        seq = F.pad(seq, (0, 0, pad, 0))  # (B, L + pad, d_item): groups end at the most recent item
-        S = (L + pad) // K
-        positions = torch.arange(L + pad, device=seq.device)  # (L + pad,)
-        item_valid = positions.unsqueeze(0) >= (L + pad - lengths).unsqueeze(1)  # (B, L + pad)
-        group_valid = item_valid.view(B, S, K)
-        groups = seq.view(B, S, K, -1) * group_valid.unsqueeze(-1)  # (B, S, K, d_item), padding zeroed
+    def merge_tokens(self, items: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jagged items (N, d_item) (rows of `lengths`, oldest first) -> merged tokens with positions
+        (B, S, D) left-padded to S = ceil(max_len / K) (the most recent token last), and valid (B, S).
+
+        The merge runs on the jagged items: only the ~N / K groups that hold an item are built and
+        projected, and the padding happens once, on the merged tokens (S x fewer rows than padding the
+        items). Every shape follows from B, N and the config, so there is no host sync and fx can trace it.
+        """
+        K, S = self.cfg.merge, self.cfg.max_tokens
+        B, N = lengths.shape[0], items.shape[0]
+        torch._assert(
+            (lengths <= self.cfg.max_len).all(), f"sequence longer than longer.max_len={self.cfg.max_len}"
+        )
+        lengths = lengths.long()
+        n_tok = torch.div(lengths + K - 1, K, rounding_mode="floor")  # (B,) merged tokens per row
+        tok_off = torch.cumsum(n_tok, 0) - n_tok  # (B,) first group of each row
+        rows = torch.repeat_interleave(torch.arange(B, device=items.device), lengths, output_size=N)  # (N,)
+        pos = torch.arange(N, device=items.device) - (torch.cumsum(lengths, 0) - lengths)[rows]  # in-row
+        # groups end at the most recent item: a row is left-padded to n_tok * K, its oldest group partial
+        slot = tok_off[rows] * K + n_tok[rows] * K - lengths[rows] + pos  # (N,) flat (group, slot)
+        groups_cap = N // K + B + 1  # >= sum(n_tok) + 1; the spare groups stay empty and are never read
+        groups = items.new_zeros(groups_cap * K, items.shape[1]).index_copy(0, slot, items)
+        groups = groups.view(groups_cap, K, -1)  # (M, K, d_item)
         if self.inner is not None:
-            flat = self.inner(groups.flatten(0, 1), group_valid.flatten(0, 1)).view(B, S, -1)
+            item_valid = torch.zeros(groups_cap * K, dtype=torch.bool, device=items.device)
+            item_valid = item_valid.index_fill(0, slot, True).view(groups_cap, K)  # (M, K)
+            flat = self.inner(groups, item_valid)  # (M, K d_inner)
         else:
-            flat = groups.flatten(2)  # (B, S, K d_item)
-        tokens = self.merge_proj(flat) + self.pos[:S].flip(0)  # (B, S, D): oldest first
-        return tokens, group_valid.any(dim=-1)  # (B, S, D), (B, S)
+            flat = groups.flatten(1)  # (M, K d_item)
+        merged = self.merge_proj(flat)  # (M, D)
+        # pad once: grid cell (b, s) holds group tok_off[b] + s - (S - n_tok[b]) when that is >= 0
+        s = torch.arange(S, device=items.device)
+        first = S - n_tok  # (B,) first valid merged position of each row
+        valid = s.unsqueeze(0) >= first.unsqueeze(1)  # (B, S)
+        index = torch.where(valid, tok_off.unsqueeze(1) + s.unsqueeze(0) - first.unsqueeze(1), 0)
+        tokens = merged.index_select(0, index.flatten()).view(B, S, -1) * valid.unsqueeze(-1)
+        return tokens + self.pos[:S].flip(0), valid  # (B, S, D): oldest first; (B, S)
 
     def globals_of(self, candidate: torch.Tensor, user: torch.Tensor | None) -> torch.Tensor:
         parts = [self.candidate_proj(candidate).unsqueeze(1)]  # (B, 1, D)
@@ -225,9 +258,9 @@ class Longer(nn.Module):
             return checkpoint(block, x, k, v, mask, use_reentrant=False)  # recomputed in backward
         return block(x, k, v, mask)
 
-    def sequence_states(self, seq: torch.Tensor, lengths: torch.Tensor) -> SequenceStates:
+    def sequence_states(self, items: torch.Tensor, lengths: torch.Tensor) -> SequenceStates:
         """The sequence path through every layer (candidate-independent)."""
-        tokens, valid = self.merge_tokens(seq, lengths)  # (B, S, D), (B, S)
+        tokens, valid = self.merge_tokens(items, lengths)  # (B, S, D), (B, S)
         S = tokens.shape[1]
         k = min(self.cfg.recent_queries, S)
         pos = torch.arange(S, device=tokens.device)
@@ -256,19 +289,20 @@ class Longer(nn.Module):
 
     def forward(
         self,
-        seq: torch.Tensor,
+        items: torch.Tensor,
         lengths: torch.Tensor,
         candidate: torch.Tensor,
         user: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.global_outputs(self.globals_of(candidate, user), self.sequence_states(seq, lengths))
+        """Jagged items (N, d_item) + lengths (B,) + candidate (B, d_cand) (+ user (B, d_user)) -> e_s."""
+        return self.global_outputs(self.globals_of(candidate, user), self.sequence_states(items, lengths))
 
     # ---- KV-cache serving ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_user(self, seq: torch.Tensor, lengths: torch.Tensor) -> SequenceStates:
-        """Once per user: (U, L, d_item) + lengths -> the cached sequence keys/values of every layer."""
-        return self.sequence_states(seq, lengths)
+    def encode_user(self, items: torch.Tensor, lengths: torch.Tensor) -> SequenceStates:
+        """Once per user: jagged items (N, d_item) + lengths (U,) -> the cached keys/values of every layer."""
+        return self.sequence_states(items, lengths)
 
     @torch.no_grad()
     def score_candidates(

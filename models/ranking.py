@@ -37,7 +37,7 @@ from models.baselines import (
     Wukong,
     WukongConfig,
 )
-from models.longer import Longer, LongerConfig
+from models.longer import Longer, LongerConfig, SequenceStates
 from models.rankmixer import RankMixer, RankMixerConfig
 from models.sparse_arch import SparseArch
 
@@ -188,18 +188,6 @@ def pool_jagged(jt: JaggedTensor, pooling: str) -> torch.Tensor:
     return out
 
 
-def left_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """Jagged rows (values (N, d), lengths (B,)) -> (B, max_len, d), each row right-aligned (most recent
-    item last) and zero on the left: one index_copy, no loop over rows."""
-    batch = lengths.numel()
-    offsets = torch.cumsum(lengths, 0) - lengths  # (B,)
-    rows = torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths)  # (N,)
-    pos = torch.arange(values.shape[0], device=lengths.device) - offsets[rows]  # (N,) position in its row
-    dest = rows * max_len + (max_len - lengths[rows]) + pos  # (N,)
-    out = values.new_zeros(batch * max_len, values.shape[1]).index_copy(0, dest, values)
-    return out.view(batch, max_len, values.shape[1])
-
-
 class RankingModel(nn.Module):
     """sparse arch (TorchRec) -> feature groups (+ sequence arch) -> dense arch -> logits (B, num_tasks)."""
 
@@ -253,17 +241,66 @@ class RankingModel(nn.Module):
         pooled, unpooled = self.sparse_arch(sparse, sequence)
         if self.sequence_arch is None:
             return self.dense_arch(self.feature_groups([pooled], dense))  # (B, num_tasks)
+        parts = self._group_parts(pooled, unpooled, dense)
+        items, lengths = self._sequence_items(unpooled)
+        e_s = self.sequence_arch(items, lengths, *self._global_inputs(parts))  # (B, G, D)
+        return self.dense_arch(self.feature_groups.assemble(parts, {self.sequence_group: e_s.flatten(1)}))
+
+    def _group_parts(
+        self, pooled: KeyedTensor, unpooled: dict[str, JaggedTensor], dense: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         # features sharing a table with the sequence (looked up unpooled): pool them here
         loose = {name: pool_jagged(unpooled[name], pooling) for name, pooling in self.pooled_unpooled}
-        parts = self.feature_groups.parts([pooled], dense, loose)
+        return self.feature_groups.parts([pooled], dense, loose)
+
+    def _sequence_items(self, unpooled: dict[str, JaggedTensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The jagged items (N, d_item) and lengths (B,) (aligned features: one length)."""
+        items = torch.cat([unpooled[n].values() for n in self.seq_features], dim=1)
+        return items, unpooled[self.seq_features[0]].lengths()
+
+    def _global_inputs(self, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The candidate (B, d_cand) and user (B, d_user) vectors LONGER's global tokens are made of."""
         cfg = self.longer_cfg
-        lengths = unpooled[self.seq_features[0]].lengths()  # (B,): aligned features, one length
-        items = torch.cat([unpooled[n].values() for n in self.seq_features], dim=1)  # (N, d_item)
-        seq = left_padded(items, lengths, self.max_len)  # (B, max_len, d_item), most recent last
-        candidate = torch.cat([parts[g] for g in cfg.candidate_groups], dim=1)  # (B, d_cand)
+        candidate = torch.cat([parts[g] for g in cfg.candidate_groups], dim=1)
         user = torch.cat([parts[g] for g in cfg.user_groups], dim=1) if cfg.user_groups else None
-        e_s = self.sequence_arch(seq, lengths, candidate, user).flatten(1)  # (B, G * D)
-        return self.dense_arch(self.feature_groups.assemble(parts, {self.sequence_group: e_s}))
+        return candidate, user
+
+    # ---- KV-cache serving (sequence=longer) ------------------------------------------------------
+
+    def _longer(self, what: str) -> Longer:
+        if self.sequence_arch is None:
+            raise ValueError(
+                f"{what}: KV-cache serving needs model.sequence=longer (got {self.sequence_mode})"
+            )
+        return self.sequence_arch
+
+    @torch.no_grad()
+    def encode_users(self, sequence: KeyedJaggedTensor) -> SequenceStates:
+        """Once per user: the unpooled KJT of U users (their sequence features; the candidate keys in it
+        may be empty) -> the LONGER keys/values of every layer, to score any number of candidates."""
+        longer = self._longer("encode_users")
+        unpooled = self.sparse_arch.embedding_collection(sequence)
+        return longer.encode_user(*self._sequence_items(unpooled))
+
+    @torch.no_grad()
+    def score_candidates(
+        self,
+        cache: SequenceStates,
+        user_index: torch.Tensor,
+        dense: torch.Tensor,
+        sparse: KeyedJaggedTensor,
+        sequence: KeyedJaggedTensor,
+    ) -> torch.Tensor:
+        """Logits (N, num_tasks) of N candidate rows, row n of cached user `user_index[n]`. The rows carry
+        their features as in training, except that their sequence features may be empty: the sequence
+        comes from the cache, so a candidate costs only LONGER's G global queries. Equal to `forward` on
+        the same rows with their users' sequences, up to float rounding."""
+        longer = self._longer("score_candidates")
+        pooled, unpooled = self.sparse_arch(sparse, sequence)
+        parts = self._group_parts(pooled, unpooled, dense)
+        candidate, user = self._global_inputs(parts)
+        e_s = longer.global_outputs(longer.globals_of(candidate, user), cache.index_select(user_index))
+        return self.dense_arch(self.feature_groups.assemble(parts, {self.sequence_group: e_s.flatten(1)}))
 
 
 class RankingOutput(NamedTuple):

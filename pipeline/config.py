@@ -98,6 +98,8 @@ class DenseOptimConfig:
     # lr multiplier of Sparse-MoE router parameters (names containing "router_"). ReLU gates die under
     # full-size RMSProp steps at lr 0.01 (reports/moe.md): routers step 10x smaller by default.
     router_lr_scale: float = 0.1
+    # lr multiplier of the sequence arch (model.sequence=longer: the LONGER module's parameters)
+    sequence_lr_scale: float = 1.0
 
 
 @dataclass

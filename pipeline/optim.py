@@ -39,11 +39,27 @@ def set_initial_accumulator(dmp: DistributedModelParallel, value: float) -> None
 
 
 ROUTER_PARAM_MARK = "router_"  # SparseMoEFFN's router_w/_b (h_infer) and train_router_w/_b (h_train)
+SEQUENCE_ARCH_PREFIX = "sequence_arch."  # RankingModel's LONGER module
 
 
-def _dense_optimizer_factory(cfg: DenseOptimConfig, router_ids: set[int]):  # noqa: ANN202
-    """params -> Optimizer with two param groups: the router parameters (`lr_scale` = router_lr_scale)
-    and the rest (`lr_scale` = 1). Every group's lr is cfg.lr * lr_scale."""
+def dense_lr_scales(named_params: dict[str, torch.Tensor], cfg: DenseOptimConfig) -> dict[str, float]:
+    """Parameter name -> lr multiplier: Sparse-MoE routers (last name part contains `ROUTER_PARAM_MARK`)
+    `router_lr_scale`, the sequence arch (a name part starts with `SEQUENCE_ARCH_PREFIX`)
+    `sequence_lr_scale`, everything else 1."""
+
+    def scale(name: str) -> float:
+        if ROUTER_PARAM_MARK in name.rsplit(".", 1)[-1]:
+            return cfg.router_lr_scale
+        if name.startswith(SEQUENCE_ARCH_PREFIX) or f".{SEQUENCE_ARCH_PREFIX}" in name:
+            return cfg.sequence_lr_scale
+        return 1.0
+
+    return {name: scale(name) for name in named_params}
+
+
+def _dense_optimizer_factory(cfg: DenseOptimConfig, scale_of: dict[int, float]):  # noqa: ANN202
+    """params -> Optimizer with one param group per lr multiplier (`lr_scale`, from `dense_lr_scales`,
+    keyed by parameter id). Every group's lr is cfg.lr * lr_scale."""
     name = cfg.name.lower()
     makers = {
         "rmsprop": lambda g: torch.optim.RMSprop(
@@ -57,13 +73,10 @@ def _dense_optimizer_factory(cfg: DenseOptimConfig, router_ids: set[int]):  # no
         raise ValueError(f"optim.dense.name: unknown optimizer {cfg.name!r} (rmsprop | adam | adagrad | sgd)")
 
     def factory(params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        groups = [
-            {"params": [p for p in params if id(p) not in router_ids], "lr_scale": 1.0},
-            {"params": [p for p in params if id(p) in router_ids], "lr_scale": cfg.router_lr_scale},
-        ]
-        groups = [g for g in groups if g["params"]]
-        for g in groups:
-            g["lr"] = cfg.lr * g["lr_scale"]
+        by_scale: dict[float, list[torch.Tensor]] = {}
+        for p in params:  # first-seen order of the scales: the full-lr group first, as before
+            by_scale.setdefault(scale_of[id(p)], []).append(p)
+        groups = [{"params": ps, "lr_scale": s, "lr": cfg.lr * s} for s, ps in by_scale.items()]
         return makers[name](groups)
 
     return factory
@@ -80,10 +93,11 @@ class GroupScaledWarmupOptimizer(WarmupOptimizer):
 
 
 def build_dense_optimizer(named_params: dict[str, torch.Tensor], cfg: DenseOptimConfig) -> KeyedOptimizer:
-    """warmup -> clip -> RMSProp over the dense parameters. Router parameters (names containing
-    `ROUTER_PARAM_MARK`) step at `cfg.lr * cfg.router_lr_scale`; the clipping norm is global."""
-    router_ids = {id(p) for k, p in named_params.items() if ROUTER_PARAM_MARK in k.rsplit(".", 1)[-1]}
-    dense: KeyedOptimizer = KeyedOptimizerWrapper(named_params, _dense_optimizer_factory(cfg, router_ids))
+    """warmup -> clip -> RMSProp over the dense parameters. Routers and the sequence arch step at their
+    own multiple of `cfg.lr` (`dense_lr_scales`); the clipping norm is global."""
+    scales = dense_lr_scales(named_params, cfg)
+    scale_of = {id(p): scales[k] for k, p in named_params.items()}
+    dense: KeyedOptimizer = KeyedOptimizerWrapper(named_params, _dense_optimizer_factory(cfg, scale_of))
     if cfg.grad_clip_norm > 0:
         dense = GradientClippingOptimizer(
             dense, clipping=GradientClipping.NORM, max_gradient=cfg.grad_clip_norm

@@ -46,6 +46,25 @@ def test_router_lr_scale_one_keeps_a_single_group_and_warmup_ramps_it():
     assert _lrs(opt, moe) == {n: pytest.approx(0.0019) for n, _ in moe.named_parameters()}  # 0.1 + 0.9/10
 
 
+def test_sequence_arch_parameters_get_the_sequence_lr_scale_and_routers_keep_theirs():
+    from models.longer import Longer, LongerConfig
+
+    class Model(torch.nn.Module):  # RankingModel's naming: model.sequence_arch.*, routers in the dense arch
+        def __init__(self) -> None:
+            super().__init__()
+            self.sequence_arch = Longer(LongerConfig(item_dim=4, candidate_dim=4, dim=8, max_len=8))
+            self.dense_arch = SparseMoEFFN(num_tokens=2, dim=8, num_experts=4, expert_hidden=16)
+
+    model = torch.nn.ModuleDict({"model": Model()})  # a wrapper prefix, as DMP adds one
+    cfg = DenseOptimConfig(lr=0.01, warmup_steps=0, router_lr_scale=0.1, sequence_lr_scale=0.5)
+    opt = build_dense_optimizer(dict(model.named_parameters()), cfg)
+    lrs = _lrs(opt, model)
+    for name, lr in lrs.items():
+        expect = 0.005 if ".sequence_arch." in name else 0.001 if "router_" in name else 0.01
+        assert lr == pytest.approx(expect), name
+    assert sum(".sequence_arch." in n for n in lrs) > 10
+
+
 def test_resumed_optimizer_continues_exactly_like_the_uninterrupted_one():
     # Through a CombinedOptimizer, as the pipeline saves it: a wrapper that snapshots a combined
     # optimizer's (lazily built) state would save nothing, and resume would silently restart RMSProp.

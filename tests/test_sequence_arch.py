@@ -1,5 +1,5 @@
 """Sequence arch wiring (`model.sequence=none|mean_pool|longer`): which KJT each feature goes to, the
-unpooled EmbeddingCollection path, jagged -> left-padded sequences, and the LONGER output as a group."""
+unpooled EmbeddingCollection path, jagged pooling, and the LONGER output as a group."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from data.reader import DataError, ParquetReader
 from data.schema import Schema, SchemaError
-from models.ranking import RankingModel, RankingTrainWrapper, left_padded, pool_jagged
+from models.ranking import RankingModel, RankingTrainWrapper, pool_jagged
 from models.sparse_arch import embedding_configs, input_keys
 
 SCHEMA = Schema.from_dict(
@@ -92,14 +92,11 @@ def test_misaligned_sequence_columns_are_rejected_naming_column_and_row(tmp_path
         list(ParquetReader(path, SCHEMA, batch_size=4, shuffle=False))
 
 
-def test_left_padding_and_pooling_match_a_per_row_reference():
+def test_jagged_pooling_matches_a_per_row_reference():
     lengths = torch.tensor([3, 0, 1, 2])
     values = torch.arange(6 * 2, dtype=torch.float32).view(6, 2)
-    padded = left_padded(values, lengths, max_len=4)
     start = 0
     for b, n in enumerate(lengths.tolist()):
-        expect = torch.cat([torch.zeros(4 - n, 2), values[start : start + n]])
-        torch.testing.assert_close(padded[b], expect)  # most recent item last, zeros on the left
         jt = JaggedTensor(values=values, lengths=lengths)
         torch.testing.assert_close(pool_jagged(jt, "sum")[b], values[start : start + n].sum(0))
         mean = values[start : start + n].mean(0) if n else torch.zeros(2)
@@ -126,3 +123,52 @@ def test_ranking_model_trains_in_every_sequence_mode(tmp_path: Path, mode: str):
     if mode == "longer":  # the sequence reaches the logits; the bag collection holds only `u`
         assert model.sequence_arch.merge_proj.weight.grad.abs().sum() > 0
         assert list(model.sparse_arch.embedding_bag_collection.embedding_bags) == ["u"]
+
+
+def test_ranking_model_kv_cache_scores_equal_full_forward_for_many_candidates(tmp_path: Path):
+    torch.manual_seed(0)
+    cfg = {"arch": "rankmixer", "num_tokens": 2, "dim": 8, "sequence": "longer", "longer": LONGER}
+    model = RankingModel(SCHEMA, cfg).eval()
+    users = {"uid": [5, 6, 7, 8], "u": [1, 2, 3, 4], "d": [0.5, 1.5, 2.5, 3.5],
+             "s_item": [[1, 2, 3], [4], [], [5, 6, 7, 8, 9, 10]],
+             "s_act": [[0, 1, 2], [3], [], [0, 1, 2, 3, 0, 1]]}  # fmt: skip
+    user_index = torch.tensor([0, 0, 1, 3, 3, 3, 2, 1, 0, 3])  # 10 candidates of 4 users
+    rows = user_index.tolist()
+
+    def candidates(with_sequence: bool) -> Path:
+        cols = {k: [users[k][u] for u in rows] for k in ("uid", "u", "d")}
+        seq = {k: [users[k][u] if with_sequence else [] for u in rows] for k in ("s_item", "s_act")}
+        table = pa.table({
+            "y": pa.array([0] * len(rows), pa.int8()), "uid": pa.array(cols["uid"], pa.int64()),
+            "d": pa.array(cols["d"], pa.float32()), "u": pa.array(cols["u"], pa.int64()),
+            "item": pa.array([3, 9, 4, 11, 12, 13, 5, 17, 2, 6], pa.int64()),
+            **{k: pa.array(v, pa.list_(pa.int64())) for k, v in seq.items()},
+        })  # fmt: skip
+        path = tmp_path / f"cand-{with_sequence}.parquet"
+        pq.write_table(table, path)
+        return path
+
+    def read_one(path: Path, batch_size: int):
+        (batch,) = list(ParquetReader(path, SCHEMA, batch_size=batch_size, shuffle=False,
+                                      split_keys=input_keys(SCHEMA, "longer")))  # fmt: skip
+        return batch
+
+    user_table = pa.table({
+        "y": pa.array([0] * 4, pa.int8()), "uid": pa.array(users["uid"], pa.int64()),
+        "d": pa.array(users["d"], pa.float32()), "u": pa.array(users["u"], pa.int64()),
+        "item": pa.array([0] * 4, pa.int64()),
+        **{k: pa.array(users[k], pa.list_(pa.int64())) for k in ("s_item", "s_act")},
+    })  # fmt: skip
+    pq.write_table(user_table, tmp_path / "users.parquet")
+    cache = model.encode_users(read_one(tmp_path / "users.parquet", 4).sequence)  # once per user
+    lean = read_one(candidates(with_sequence=False), 10)  # candidate rows without the sequence
+    cached = model.score_candidates(cache, user_index, lean.dense, lean.sparse, lean.sequence)
+    full = read_one(candidates(with_sequence=True), 10)
+    with torch.no_grad():
+        expect = model(full.dense, full.sparse, full.sequence)
+    assert cached.shape == (10, 1)
+    torch.testing.assert_close(cached, expect, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # and the cache is what carries the sequence: without it the scores differ
+        assert (model(lean.dense, lean.sparse, lean.sequence) - expect).abs().amax() > 1e-4
+    with pytest.raises(ValueError, match="model.sequence=longer"):
+        RankingModel(SCHEMA, {**cfg, "sequence": "mean_pool"}).encode_users(lean.sequence)
