@@ -215,7 +215,8 @@ class Longer(nn.Module):
         """
         K, S = self.cfg.merge, self.cfg.max_tokens
         B, N = lengths.shape[0], items.shape[0]
-        torch._assert(
+        # on the device, not `if`: a Python check on a tensor would sync the host on every GPU step
+        torch._assert_async(
             (lengths <= self.cfg.max_len).all(), f"sequence longer than longer.max_len={self.cfg.max_len}"
         )
         lengths = lengths.long()

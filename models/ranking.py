@@ -205,11 +205,11 @@ class RankingModel(nn.Module):
         self.pooled_unpooled: list[tuple[str, str]] = []  # (feature, pooling) looked up unpooled, then pooled
         extra = {}
         group_keys = self.sparse_arch.pooled_keys  # pooled features, by group
+        loose_keys: list[str] = []  # features looked up unpooled and pooled here
         if self.sequence_mode == "longer":
             if schema.sequence is None:
                 raise ValueError("model.sequence=longer: the schema has no sequence features")
             self.seq_features = [f.name for f in schema.sequence_features]
-            self.max_len = schema.sequence.max_len
             self.pooled_unpooled = [  # features that share a table with the sequence: pooled after lookup
                 (f.name, f.pooling) for f in schema.sparse if f.name in self.sparse_arch.unpooled_keys
             ]
@@ -225,14 +225,13 @@ class RankingModel(nn.Module):
                 item_dim=sum(seq_dims[n] for n in self.seq_features),
                 candidate_dim=sum(width.get(g, 0) for g in longer_cfg.candidate_groups),
                 user_dim=sum(width.get(g, 0) for g in longer_cfg.user_groups),
-                max_len=self.max_len,
+                max_len=schema.sequence.max_len,
             )
             self.sequence_arch = Longer(longer_cfg)
             self.sequence_group = schema.sequence.group
             extra = {self.sequence_group: longer_cfg.num_globals * longer_cfg.dim}
         self.longer_cfg = longer_cfg
-        loose = [name for name, _ in self.pooled_unpooled]
-        self.feature_groups = FeatureGroups(schema, dense_proj_dim, group_keys, extra, loose_keys=loose)
+        self.feature_groups = FeatureGroups(schema, dense_proj_dim, group_keys, extra, loose_keys=loose_keys)
         self.dense_arch = build_dense_arch(model_cfg, self.feature_groups.group_dims, len(schema.labels))
 
     def forward(
@@ -244,6 +243,10 @@ class RankingModel(nn.Module):
         parts = self._group_parts(pooled, unpooled, dense)
         items, lengths = self._sequence_items(unpooled)
         e_s = self.sequence_arch(items, lengths, *self._global_inputs(parts))  # (B, G, D)
+        return self._dense_logits(parts, e_s)
+
+    def _dense_logits(self, parts: dict[str, torch.Tensor], e_s: torch.Tensor) -> torch.Tensor:
+        """The dense arch on the groups, with e_s (B, G, D) flattened into the sequence group."""
         return self.dense_arch(self.feature_groups.assemble(parts, {self.sequence_group: e_s.flatten(1)}))
 
     def _group_parts(
@@ -300,7 +303,7 @@ class RankingModel(nn.Module):
         parts = self._group_parts(pooled, unpooled, dense)
         candidate, user = self._global_inputs(parts)
         e_s = longer.global_outputs(longer.globals_of(candidate, user), cache.index_select(user_index))
-        return self.dense_arch(self.feature_groups.assemble(parts, {self.sequence_group: e_s.flatten(1)}))
+        return self._dense_logits(parts, e_s)
 
 
 class RankingOutput(NamedTuple):
