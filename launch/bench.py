@@ -14,19 +14,19 @@ Examples:
     python launch/bench.py moe --preset rankmixer_small_smoe --batch-size 512 --ratios 1,0.5,0.25,0.125
     python launch/bench.py longer --lengths 256,1024,2048 --batch-size 32
 
-Imports torch (+ yaml to read a preset) only, never torchrec, so it runs on any GPU box with torch.
+Imports torch only, never torchrec, so it runs on any GPU box with torch; a preset is composed by Hydra
+(launch/configs.py), so a box without hydra-core / omegaconf / antlr4-python3-runtime needs their wheels.
+This file is the CLI (dense, moe); the timing utilities are in launch/timing.py, the MLP baseline in
+models/mlp_baseline.py, the longer subcommand in launch/bench_longer.py, the loader's in data/loader_bench.py.
 Training FLOPs = 3 x forward FLOPs (backward = 2 x forward: grads w.r.t. inputs and weights).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 # allow `python launch/bench.py` from the repo root: the script dir, not the root, is on sys.path
@@ -35,168 +35,25 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
-from torch import nn  # noqa: E402
 
 from data.loader_bench import add_arguments as add_loader_arguments  # noqa: E402
+from launch.bench_longer import cmd_longer  # noqa: E402
+from launch.timing import measure_gemm_peak, measure_training, time_inference, write_json  # noqa: E402
+from models.mlp_baseline import MLPBaseline  # noqa: E402
 from models.rankmixer import RankMixer, RankMixerConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def load_preset(name: str, group_dims: list[int], num_tasks: int) -> RankMixerConfig:
+    """The RankMixerConfig of `model=<name>` (conf/model/<name>.yaml), composed by Hydra over its typed
+    node exactly as a train job composes it, for semantic groups of these widths."""
+    from launch.configs import compose_model  # Hydra, imported only to read a preset
 
-
-def measure_gemm_peak(device: torch.device, dtype: torch.dtype, n: int, iters: int) -> float:
-    """Achieved FLOP/s of a square n x n x n matmul, best of `iters` after warm-up: the machine's
-    practical GEMM peak that MFU is measured against."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        torch.mm(a, b)
-    synchronize(device)
-    best = math.inf
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
-
-
-def gemm_probe(device: torch.device, dtype: torch.dtype, n: int):
-    """A callable timing one n^3 GEMM, returning its FLOP/s. Interleaved with the training steps, so a
-    model step and the peak it is divided by see the same load on a shared machine."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-
-    def probe() -> float:
-        synchronize(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        return 2.0 * n**3 / (time.perf_counter() - t0)
-
-    return probe
-
-
-def load_preset(name: str) -> dict:
-    path = Path(name) if name.endswith(".yaml") else REPO_ROOT / "conf" / "model" / f"{name}.yaml"
-    fields = yaml.safe_load(path.read_text())
-    fields.pop("defaults", None)  # Hydra's defaults list (the typed `rankmixer_base` the preset extends)
-    if fields.pop("arch", None) != "rankmixer":
-        raise ValueError(f"{path} is not a rankmixer preset")
-    return fields
-
-
-class MLPBaseline(nn.Module):
-    """DLRM-style top MLP over the concatenated tokenizer input: W -> h -> ... -> h -> num_tasks, ReLU."""
-
-    def __init__(self, in_dim: int, hidden: int, num_hidden: int, num_tasks: int) -> None:
-        super().__init__()
-        widths = [in_dim] + [hidden] * num_hidden
-        layers: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        layers.append(nn.Linear(widths[-1], num_tasks))
-        self.mlp = nn.Sequential(*layers)
-
-    def forward(self, groups: list[torch.Tensor]) -> torch.Tensor:
-        return self.mlp(torch.cat(groups, dim=-1))  # (B, W) -> (B, num_tasks)
-
-    def flops_per_sample(self) -> float:
-        return float(sum(2 * m.in_features * m.out_features for m in self.mlp if isinstance(m, nn.Linear)))
-
-    @staticmethod
-    def hidden_for_params(in_dim: int, num_hidden: int, num_tasks: int, target: int) -> int:
-        # params = (in_dim + 1) h + (num_hidden - 1)(h^2 + h) + (h + 1) num_tasks; solve for h
-        a = num_hidden - 1
-        b = in_dim + 1 + (num_hidden - 1) + num_tasks
-        c = num_tasks - target
-        h = (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a) if a else -c / b
-        return max(1, round(h))
-
-
-def time_training(
-    model: nn.Module,
-    groups: list[torch.Tensor],
-    labels: torch.Tensor,
-    steps: int,
-    warmup: int,
-    dtype: torch.dtype,
-    probe,
-    profile_path: str | None = None,
-) -> list[tuple[float, float]]:
-    """(seconds, GEMM peak FLOP/s right after) for each timed training step (forward + backward +
-    RMSProp step)."""
-    device = labels.device
-    # the paper's dense optimizer (4.1); foreach = one multi-tensor kernel per op instead of one per param
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=0.01, foreach=True)
-    use_autocast = dtype != torch.float32
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
-            logits = model(groups)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append((time.perf_counter() - t0, probe()))
-    if profile_path:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
-            for _ in range(3):
-                step()
-            synchronize(device)
-        Path(profile_path).parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(profile_path)
-        sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort_by, row_limit=12))
-        print(f"profiler trace written to {profile_path}")
-    return times
-
-
-def measure_training(
-    model: nn.Module,
-    groups: list[torch.Tensor],
-    labels: torch.Tensor,
-    flops_per_sample: float,
-    steps: int,
-    warmup: int,
-    dtype: torch.dtype = torch.float32,
-    peak_n: int = 2048,
-    profile_path: str | None = None,
-) -> dict:
-    """Training speed of a dense arch on one batch: samples/s, achieved FLOP/s and MFU. MFU is taken per
-    step against a GEMM timed right after it, then the median: robust to other load on a shared machine."""
-    batch_size = labels.shape[0]
-    probe = gemm_probe(labels.device, dtype, peak_n)
-    timed = time_training(model, groups, labels, steps, warmup, dtype, probe, profile_path)
-    train_flops = 3.0 * flops_per_sample * batch_size
-    sec = statistics.median(t for t, _ in timed)
-    return {
-        "batch_size": batch_size,
-        "step_s": sec,
-        "samples_per_s": batch_size / sec,
-        "train_gflop_per_step": train_flops / 1e9,
-        "achieved_gflop_s": train_flops / sec / 1e9,
-        "mfu": statistics.median(train_flops / t / peak_now for t, peak_now in timed),
-        "interleaved_peak_gflop_s": statistics.median(p for _, p in timed) / 1e9,
-    }
+    model = compose_model(name)
+    if model.arch != "rankmixer":
+        raise ValueError(f"conf/model/{name}.yaml is not a rankmixer preset (arch: {model.arch})")
+    return model.dense_config(group_dims, num_tasks)
 
 
 def cmd_dense(args: argparse.Namespace) -> dict:
@@ -211,9 +68,8 @@ def cmd_dense(args: argparse.Namespace) -> dict:
     if device.type == "cuda" or dtype != torch.float32:
         peaks["bf16"] = measure_gemm_peak(device, torch.bfloat16, peak_n, args.peak_iters)
 
-    fields = load_preset(args.preset)
     group_dims = [args.group_width] * (args.input_width // args.group_width)
-    cfg = RankMixerConfig(group_dims=group_dims, num_tasks=args.num_tasks, **fields)
+    cfg = load_preset(args.preset, group_dims, args.num_tasks)
     groups = [torch.randn(args.batch_size, d, device=device) for d in group_dims]
     labels = torch.randint(0, 2, (args.batch_size, cfg.num_tasks), device=device).float()
 
@@ -264,32 +120,6 @@ def cmd_dense(args: argparse.Namespace) -> dict:
     return result
 
 
-def time_calls(fn, device: torch.device, steps: int, warmup: int) -> list[float]:  # noqa: ANN001
-    """Seconds per call of `fn()` (device-synchronised), one per timed call after `warmup` untimed ones."""
-    times = []
-    for i in range(warmup + steps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
-
-
-def write_json(path: str | None, result: dict) -> None:
-    """The benchmark's figures as JSON, if a path was given (`--json`)."""
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2))
-
-
-def time_inference(model: nn.Module, groups: list[torch.Tensor], steps: int, warmup: int) -> list[float]:
-    """Seconds per eval-mode forward, one per timed step."""
-    with torch.inference_mode():
-        return time_calls(lambda: model(groups), groups[0].device, steps, warmup)
-
-
 def cmd_moe(args: argparse.Namespace) -> dict:
     """Per ratio r, the gates are forced to exactly k = round(N_e * r) active experts per (token, sample)
     (top-k of h_infer's logits, ReLU gate values: `SparseMoEFFN.inference_top_k`), then the same model is
@@ -299,11 +129,10 @@ def cmd_moe(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    fields = load_preset(args.preset)
-    if fields.get("ffn") != "smoe":
-        raise ValueError(f"{args.preset}: the moe benchmark needs a preset with ffn: smoe")
     group_dims = [args.group_width] * (args.input_width // args.group_width)
-    cfg = RankMixerConfig(group_dims=group_dims, num_tasks=args.num_tasks, **fields)
+    cfg = load_preset(args.preset, group_dims, args.num_tasks)
+    if cfg.ffn != "smoe":
+        raise ValueError(f"{args.preset}: the moe benchmark needs a preset with ffn: smoe")
     model = RankMixer(cfg).to(device).eval()
     ffns = model.moe_ffns()
     groups = [torch.randn(args.batch_size, d, device=device) for d in group_dims]
@@ -377,6 +206,13 @@ def _ratios(text: str) -> list[float]:
     return ratios
 
 
+def _ints(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -445,122 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_loader_arguments(loader)
     loader.set_defaults(func=cmd_loader)
     return parser
-
-
-def saved_activation_bytes(fn) -> int:  # noqa: ANN001 - a zero-argument callable running a forward
-    """Bytes of the tensors autograd saves for backward during `fn()`: the activation memory of a training
-    step, device independent (recomputed layers save only their inputs)."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
-def cmd_longer(args: argparse.Namespace) -> dict:
-    """Per length: LONGER (token merge + hybrid attention) vs full causal self-attention over the raw
-    sequence (the same module with merge=1 and every token a query), training step time and activation
-    memory with and without recomputation; then KV-cache serving at the longest length."""
-    from models.longer import Longer, LongerConfig
-
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    item_dim, cand_dim, user_dim = args.item_dim, args.item_dim, args.item_dim
-    max_len = max(args.lengths)
-
-    def build(full: bool, recompute: bool, length: int) -> Longer:
-        cfg = LongerConfig(
-            item_dim=item_dim, candidate_dim=cand_dim, user_dim=user_dim, dim=args.dim,
-            num_heads=args.heads, num_layers=args.layers, merge=1 if full else args.merge,
-            merge_mode=args.merge_mode, recent_queries=length if full else args.recent,
-            max_len=length, recompute=(recompute,) * args.layers,
-        )  # fmt: skip
-        return Longer(cfg).to(device)
-
-    def inputs(batch: int, length: int):
-        """Every user with `length` items: jagged items (batch * length, d_item), lengths, cand, user."""
-        return (
-            torch.randn(batch * length, item_dim, device=device),
-            torch.full((batch,), length, device=device),
-            torch.randn(batch, cand_dim, device=device),
-            torch.randn(batch, user_dim, device=device),
-        )
-
-    rows = []
-    for length in args.lengths:
-        x = inputs(args.batch_size, length)
-        for name, full in (("longer", False), ("full_attention", True)):
-            row = {"length": length, "model": name}
-            for recompute in (False, True):
-                model = build(full, recompute, length).train()
-                opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
-
-                def step() -> None:
-                    model(*x).square().mean().backward()  # noqa: B023 - called inside this iteration
-                    opt.step()  # noqa: B023
-                    opt.zero_grad(set_to_none=True)  # noqa: B023
-
-                mem = saved_activation_bytes(lambda: model(*x).square().mean())  # noqa: B023
-                if not recompute:
-                    sec = statistics.median(time_calls(step, device, args.steps, args.warmup))
-                    row["fwd_mflop_per_sample"] = model.flops_per_sample(length) / 1e6
-                    row["train_samples_per_s"] = args.batch_size / sec
-                row["activation_mib_recompute" if recompute else "activation_mib"] = mem / 2**20
-            rows.append(row)
-            print(
-                f"L={length:5d} {name:15s} {row['fwd_mflop_per_sample']:10.1f} MFLOP/sample "
-                f"{row['train_samples_per_s']:9.1f} samples/s  activations {row['activation_mib']:8.1f} MiB "
-                f"({row['activation_mib_recompute']:.1f} MiB with recomputation)",
-                flush=True,
-            )
-
-    model = build(False, False, max_len).eval()
-    serving = []
-    for per_user in args.candidates:
-        users = max(1, args.serving_candidates // per_user)
-        items, lengths, _, user = inputs(users, max_len)
-        n = users * per_user
-        index = torch.arange(users, device=device).repeat_interleave(per_user)
-        cand = torch.randn(n, cand_dim, device=device)
-
-        def cached() -> torch.Tensor:
-            return model.score_candidates(model.encode_user(items, lengths), index, cand, user)  # noqa: B023
-
-        def uncached() -> torch.Tensor:
-            with torch.no_grad():  # every candidate's row carries its user's whole sequence
-                per_candidate = items.view(users, max_len, -1)[index].flatten(0, 1)  # noqa: B023
-                return model(per_candidate, lengths[index], cand, user[index])  # noqa: B023
-
-        timing = {}
-        for mode, fn in (("cached", cached), ("uncached", uncached)):
-            timing[mode] = n / statistics.median(time_calls(fn, device, args.steps, args.warmup))
-        rates = {f"{k}_candidates_per_s": v for k, v in timing.items()}
-        speedup = timing["cached"] / timing["uncached"]
-        serving.append({"candidates_per_user": per_user, "users": users, **rates, "speedup": speedup})
-        print(
-            f"serving L={max_len} {per_user:4d} candidates/user: cached {timing['cached']:9.1f} "
-            f"uncached {timing['uncached']:9.1f} candidates/s, speedup {serving[-1]['speedup']:.2f}x",
-            flush=True,
-        )
-    result = {"device": str(device), "threads": torch.get_num_threads(), "config": vars(args).copy(),
-              "cost": rows, "serving": serving}  # fmt: skip
-    result["config"].pop("func", None)
-    write_json(args.json, result)
-    return result
-
-
-def _ints(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def cmd_loader(args: argparse.Namespace) -> dict:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from launch.cli import exit_on_user_error
+from launch.configs import register_configs
 from launch.report import print_report
 from pipeline.config import EvalConfig, reject_unknown_keys
 from pipeline.eval_job import run_eval
-
-ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="eval")
@@ -24,4 +22,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_configs()
     main()

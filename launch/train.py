@@ -6,17 +6,13 @@ Thin on purpose: Hydra composes and type-checks the config, `pipeline.train_loop
 from __future__ import annotations
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from launch.cli import exit_on_user_error
+from launch.configs import register_configs
 from launch.report import print_report
-from pipeline.config import TrainConfig, model_preset_schemas, reject_unknown_keys
+from pipeline.config import TrainConfig, reject_unknown_keys
 from pipeline.train_loop import train
-
-ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-for _name, _node in model_preset_schemas().items():
-    ConfigStore.instance().store(group="model", name=_name, node=_node)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
@@ -30,4 +26,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_configs()
     main()

@@ -15,22 +15,26 @@ Design choices:
    tokens or experts).
 3. Heads are `MultiTaskHead` (one tower per task) for all but MMoE, whose per-task gates and towers are
    the model itself.
-4. Each config names one width field in `SCALE_FIELD` that `launch/experiment.py` solves for to hit a
-   dense-parameter budget, so "matched budgets" are computed, not hand-picked.
+4. Every arch is a `DenseArch` (models/dense_arch.py); none has an auxiliary loss or inference modes, so
+   they keep the interface's defaults. Each arch's registry entry (models/config.py) names one width
+   field that `launch/experiment.py` solves for to hit a dense-parameter budget, so "matched budgets" are
+   computed, not hand-picked.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.models.dlrm import DenseArch, InteractionArch
+from torchrec.models.dlrm import DenseArch as BottomMLP  # DLRM's bottom MLP (not our DenseArch)
+from torchrec.models.dlrm import InteractionArch
 from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.mlp import MLP
 
+from models.baseline_configs import AutoIntConfig, DCNv2Config, DLRMConfig, MMoEConfig, WukongConfig
+from models.dense_arch import DenseArch
 from models.heads import MultiTaskHead
 from models.rankmixer import SemanticTokenizer
 
@@ -43,36 +47,10 @@ def _tokenizer_flops(group_dims: list[int], num_tokens: int, dim: int) -> float:
     return float(2 * num_tokens * math.ceil(sum(group_dims) / num_tokens) * dim)
 
 
-class _DenseArchBase(nn.Module):
-    def num_params(self) -> int:
-        """Dense parameters actually in the module (works on the meta device)."""
-        return sum(p.numel() for p in self.parameters())
-
-
 # ---- DLRM ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class DLRMConfig:
-    group_dims: list[int] = field(default_factory=list)
-    num_tasks: int = 2
-    num_tokens: int = 8  # F sparse-feature vectors for the dot interaction
-    dim: int = 64  # D: width of every feature vector (the bottom MLP ends at D too)
-    mlp_width: int = 256  # hidden width of the bottom and over MLPs
-    bottom_layers: int = 1  # bottom MLP on the flat input: [mlp_width] * bottom_layers, then -> D
-    over_layers: int = 2  # over MLP on [bottom output, pairwise dots]: [mlp_width] * over_layers
-    head_hidden: list[int] = field(default_factory=list)
-
-    @property
-    def bottom_mlp(self) -> list[int]:
-        return [self.mlp_width] * self.bottom_layers + [self.dim]
-
-    @property
-    def over_mlp(self) -> list[int]:
-        return [self.mlp_width] * self.over_layers
-
-
-class DLRM(_DenseArchBase):
+class DLRM(DenseArch):
     """Naumov et al. 2019: bottom MLP (flat input -> D) + F feature vectors, all pairwise dot products
     (TorchRec's InteractionArch), over MLP, per-task heads."""
 
@@ -81,7 +59,7 @@ class DLRM(_DenseArchBase):
         self.cfg = cfg
         width = sum(cfg.group_dims)
         self.tokenizer = SemanticTokenizer(cfg.group_dims, cfg.num_tokens, cfg.dim)
-        self.bottom = DenseArch(width, cfg.bottom_mlp)
+        self.bottom = BottomMLP(width, cfg.bottom_mlp)
         self.interaction = InteractionArch(num_sparse_features=cfg.num_tokens)
         F_ = cfg.num_tokens
         self.over = MLP(cfg.dim + F_ * (F_ + 1) // 2, cfg.over_mlp, activation="relu")
@@ -92,7 +70,7 @@ class DLRM(_DenseArchBase):
         tokens = self.tokenizer(groups).transpose(0, 1)  # (T, B, D) -> (B, F, D)
         return self.head(self.over(self.interaction(dense, tokens)))  # (B, num_tasks)
 
-    def flops_per_sample(self) -> float:
+    def flops_per_sample(self, active_ratio: float | None = None) -> float:
         c = self.cfg
         F_ = c.num_tokens
         interaction = 2 * (F_ + 1) ** 2 * c.dim  # the full (F+1)^2 Gram matrix is computed
@@ -108,22 +86,7 @@ class DLRM(_DenseArchBase):
 # ---- DCNv2 -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class DCNv2Config:
-    group_dims: list[int] = field(default_factory=list)
-    num_tasks: int = 2
-    cross_layers: int = 3
-    low_rank: int = 64  # r of W = U V^T in every cross layer (DCN-Mix without experts)
-    deep_width: int = 256  # deep ReLU MLP stacked after the cross net: [deep_width] * deep_layers
-    deep_layers: int = 2
-    head_hidden: list[int] = field(default_factory=list)
-
-    @property
-    def deep_mlp(self) -> list[int]:
-        return [self.deep_width] * self.deep_layers
-
-
-class DCNv2(_DenseArchBase):
+class DCNv2(DenseArch):
     """Wang et al. 2021, stacked structure: x_{l+1} = x_0 * (U_l (V_l x_l) + b_l) + x_l (TorchRec's
     LowRankCrossNet) on the flat input, then a deep ReLU MLP, then per-task heads."""
 
@@ -139,7 +102,7 @@ class DCNv2(_DenseArchBase):
         x = self.cross(torch.cat(groups, dim=-1))  # (B, W)
         return self.head(self.deep(x))  # (B, num_tasks)
 
-    def flops_per_sample(self) -> float:
+    def flops_per_sample(self, active_ratio: float | None = None) -> float:
         c = self.cfg
         width = sum(c.group_dims)
         cross = c.cross_layers * 2 * (2 * width * c.low_rank)
@@ -147,21 +110,6 @@ class DCNv2(_DenseArchBase):
 
 
 # ---- AutoInt ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class AutoIntConfig:
-    group_dims: list[int] = field(default_factory=list)
-    num_tasks: int = 2
-    num_tokens: int = 8  # feature vectors attended over
-    dim: int = 64  # D
-    num_layers: int = 3
-    num_heads: int = 2
-    head_hidden: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.dim % self.num_heads:
-            raise ValueError(f"autoint: dim={self.dim} not divisible by num_heads={self.num_heads}")
 
 
 class AutoIntLayer(nn.Module):
@@ -180,7 +128,7 @@ class AutoIntLayer(nn.Module):
         return F.relu(attn.transpose(1, 2).reshape(B, T, D) + self.res(x))  # (B, T, D)
 
 
-class AutoInt(_DenseArchBase):
+class AutoInt(DenseArch):
     """Feature tokens -> L AutoInt layers -> flatten (B, T*D) -> per-task heads."""
 
     def __init__(self, cfg: AutoIntConfig) -> None:
@@ -196,7 +144,7 @@ class AutoInt(_DenseArchBase):
             x = layer(x)
         return self.head(x.flatten(1))  # (B, T*D) -> (B, num_tasks)
 
-    def flops_per_sample(self) -> float:
+    def flops_per_sample(self, active_ratio: float | None = None) -> float:
         c = self.cfg
         T, D = c.num_tokens, c.dim
         per_layer = 2 * T * D * 4 * D + 2 * 2 * T * T * D  # qkv + residual projections, scores + mix
@@ -204,31 +152,6 @@ class AutoInt(_DenseArchBase):
 
 
 # ---- Wukong ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class WukongConfig:
-    group_dims: list[int] = field(default_factory=list)
-    num_tasks: int = 2
-    num_tokens: int = 8  # n feature vectors in every layer (= fm_tokens + lc_tokens)
-    dim: int = 64  # D
-    num_layers: int = 2
-    fm_tokens: int = 4  # n_F: tokens the factorization machine block emits
-    fm_rank: int = 8  # k: optimized FM X (X^T Y) with Y (n, k) learnt, instead of the full n x n
-    mlp_mult: int = 4  # FMB's MLP (on the flattened interactions) and the top MLP: one layer of mult * D
-    head_hidden: list[int] = field(default_factory=list)
-
-    @property
-    def fm_mlp(self) -> list[int]:
-        return [self.mlp_mult * self.dim]
-
-    @property
-    def top_mlp(self) -> list[int]:
-        return [self.mlp_mult * self.dim]
-
-    def __post_init__(self) -> None:
-        if not 0 < self.fm_tokens < self.num_tokens:
-            raise ValueError(f"wukong: fm_tokens={self.fm_tokens} not in (0, num_tokens={self.num_tokens})")
 
 
 class WukongLayer(nn.Module):
@@ -254,7 +177,7 @@ class WukongLayer(nn.Module):
         return self.norm(torch.cat([fm_tokens, lc_tokens], dim=1) + x)  # (B, n, D)
 
 
-class Wukong(_DenseArchBase):
+class Wukong(DenseArch):
     """Feature tokens -> L Wukong layers -> flatten -> top MLP -> per-task heads."""
 
     def __init__(self, cfg: WukongConfig) -> None:
@@ -271,7 +194,7 @@ class Wukong(_DenseArchBase):
             x = layer(x)
         return self.head(self.top(x.flatten(1)))  # (B, num_tasks)
 
-    def flops_per_sample(self) -> float:
+    def flops_per_sample(self, active_ratio: float | None = None) -> float:
         c = self.cfg
         n, D, k = c.num_tokens, c.dim, c.fm_rank
         per_layer = (
@@ -291,17 +214,7 @@ class Wukong(_DenseArchBase):
 # ---- MMoE ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class MMoEConfig:
-    group_dims: list[int] = field(default_factory=list)
-    num_tasks: int = 2
-    num_experts: int = 4
-    expert_hidden: int = 256  # every expert: W -> hidden -> out, ReLU
-    expert_out: int = 128
-    tower_hidden: int = 64  # per-task tower: out -> hidden -> 1
-
-
-class MMoE(_DenseArchBase):
+class MMoE(DenseArch):
     """Ma et al. 2018: E shared expert MLPs on the flat input, one softmax gate per task, one tower per
     task. Experts and towers are stacked weights: one batched matmul per layer."""
 
@@ -331,7 +244,7 @@ class MMoE(_DenseArchBase):
         t = F.relu(torch.baddbmm(self.tb1, mixed, self.t1))  # (K, B, h)
         return torch.baddbmm(self.tb2, t, self.t2).squeeze(-1).transpose(0, 1)  # (B, K)
 
-    def flops_per_sample(self) -> float:
+    def flops_per_sample(self, active_ratio: float | None = None) -> float:
         c = self.cfg
         W, E, H, Out, K = sum(c.group_dims), c.num_experts, c.expert_hidden, c.expert_out, c.num_tasks
         return float(
@@ -340,14 +253,3 @@ class MMoE(_DenseArchBase):
             + 2 * K * E * Out  # mix
             + K * (2 * Out * c.tower_hidden + 2 * c.tower_hidden)  # towers
         )
-
-
-# arch -> the config field `launch/experiment.py` scales to hit a parameter budget
-SCALE_FIELD = {
-    "rankmixer": "dim",
-    "dlrm": "mlp_width",
-    "dcnv2": "deep_width",
-    "autoint": "dim",
-    "wukong": "dim",
-    "mmoe": "expert_hidden",
-}

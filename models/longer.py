@@ -81,6 +81,7 @@ class LongerConfig:
     # pipeline wiring: the semantic groups whose vectors form the candidate / user global tokens
     candidate_groups: list[str] = field(default_factory=lambda: ["item", "author"])
     user_groups: list[str] = field(default_factory=lambda: ["user"])
+    lr_scale: float = 1.0  # multiplier of the dense lr for the LONGER module's parameters
 
     def __post_init__(self) -> None:
         if self.merge_mode not in MERGE_MODES:

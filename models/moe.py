@@ -39,7 +39,8 @@ Design choices:
      added to h_infer's logits moves each slot toward the target in both directions,
      c += bias_lr * sign(target - slot frequency) (as in DeepSeek-V3's auxiliary-loss-free balancing);
      being per slot, it also revives dead experts. It is not a parameter: no gradient, no optimizer.
-   Router parameters also get a smaller lr (`optim.dense.router_lr_scale`, pipeline/optim.py).
+   Router parameters also get a smaller lr (`moe_router_lr_scale` of the arch's config, through the dense
+   arch's `lr_scales()`).
 6. Baselines behind the same switch: "topk" (softmax over the k largest logits, k = round(N_e * ratio)
    unless top_k is set; unselected experts get gate 0, all experts still computed in training) and
    "topk_balanced" (+ Switch load-balancing loss N_e * sum_j f_j P_j per token, averaged over tokens).
@@ -58,29 +59,21 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from models.collectives import mean_over_ranks
+
 ROUTERS = ("relu_dtsi", "topk", "topk_balanced")
+# SparseMoEFFN's router parameters: h_infer (router_*) and h_train (train_router_*, relu_dtsi only)
+ROUTER_PARAMS = ("router_w", "router_b", "train_router_w", "train_router_b")
+ACTIVE_RATIO = "moe/active_ratio"  # the metric key of the measured fraction of active experts
 DTSI_MIXES = ("convex", "infer_value", "train_value")
 
 
 def _straight_through(z: torch.Tensor) -> torch.Tensor:
     """Zero in value, identity in gradient."""
     return z - z.detach()
-
-
-def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a scalar over the default process group (identity without one, or under fx tracing)."""
-    if isinstance(value, torch.fx.Proxy) or not (dist.is_available() and dist.is_initialized()):
-        return value
-    world = dist.get_world_size()
-    if world == 1:
-        return value
-    total = value.clone()
-    dist.all_reduce(total)
-    return total / world
 
 
 def top_k_for(num_experts: int, active_ratio: float, top_k: int = 0) -> int:
@@ -225,7 +218,7 @@ class SparseMoEFFN(nn.Module):
         self._record_activity(gates_infer > 0)
         with torch.no_grad():
             self.last_gate_mean.copy_(torch.stack([gates_infer.mean(), gates_train.mean()]))
-            slot_freq = _mean_over_ranks(self.last_slot_active_freq.clone())  # (T, N_e), global batch
+            slot_freq = mean_over_ranks(self.last_slot_active_freq)  # (T, N_e), global batch
             # adaptive lambda (ReMoE): multiplicative step toward the target ratio
             step = torch.exp(self.lambda_lr * torch.sign(slot_freq.mean() - self.active_ratio))
             self.lambda_.mul_(step).clamp_(1e-12, 1e6)
@@ -327,3 +320,51 @@ class SparseMoEFFN(nn.Module):
             stats["infer_gate_mean"], stats["train_gate_mean"] = infer_gate, train_gate
             stats["gate_bias_mean"] = self.gate_bias.mean().item()  # the activation-bias controller
         return stats
+
+
+# ---- the FFNs of an arch's blocks, seen as one: what a dense arch's DenseArch hooks report ------------
+
+
+def moe_aux_loss(ffns: list[SparseMoEFFN]) -> torch.Tensor | None:
+    """Sum over blocks of the auxiliary losses of the last training forward (lambda * L_reg or the balance
+    loss); None when there is none (plain top-k)."""
+    losses = [loss for loss in (ffn.aux_loss() for ffn in ffns) if loss is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+def moe_stats(ffns: list[SparseMoEFFN]) -> dict[str, float]:
+    """Per block stats ("moe/block{i}/{name}") of the last forward, plus their block mean (ACTIVE_RATIO)."""
+    stats: dict[str, float] = {}
+    per_block = [ffn.stats() for ffn in ffns]
+    for i, block_stats in enumerate(per_block):
+        stats.update({f"moe/block{i}/{k}": v for k, v in block_stats.items()})
+    if per_block:
+        stats[ACTIVE_RATIO] = sum(s["active_ratio"] for s in per_block) / len(per_block)
+    return stats
+
+
+def moe_stats_summary(stats: dict[str, float]) -> str:
+    """The log line of `moe_stats`: active ratio and every block's lambda."""
+    if ACTIVE_RATIO not in stats:
+        return ""
+    lambdas = " ".join(f"{k[4:]} {v:.3g}" for k, v in stats.items() if k.endswith("/lambda"))
+    return f"moe: active ratio {stats[ACTIVE_RATIO]:.3f}" + (f", {lambdas}" if lambdas else "")
+
+
+def moe_eval_stats(ffns: list[SparseMoEFFN]) -> dict[str, float]:
+    """The measured fraction of active experts of the last (eval) forward, block mean."""
+    if not ffns:
+        return {}
+    return {ACTIVE_RATIO: sum(ffn.last_active_ratio.item() for ffn in ffns) / len(ffns)}
+
+
+def router_lr_scales(module: nn.Module, scale: float) -> dict[str, float]:
+    """{name: scale} of the router parameters (ROUTER_PARAMS) of every SparseMoEFFN inside `module`."""
+    return {name: scale for name, _ in module.named_parameters() if name.rsplit(".", 1)[-1] in ROUTER_PARAMS}
+
+
+def set_sparse_inference(ffns: list[SparseMoEFFN], sparse: bool) -> None:
+    """Eval-mode forwards skip inactive experts (True, serving) or compute all of them with the same gates
+    (False, the dense reference)."""
+    for ffn in ffns:
+        ffn.sparse_inference = sparse

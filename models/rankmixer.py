@@ -20,8 +20,10 @@ Design choices:
    Without LayerNorm, X + TM(X) (a parameter-free permutation of X added to X) doubles the variance
    per block whatever the init, so the no-LN ablation is only sane at the paper's depth (L = 2).
 7. Ablations of tables 2-3 are config switches on one block, not copies of it (see RankMixerConfig).
-8. `flops_per_sample` counts matmul FLOPs only (multiply-add = 2); LayerNorm, GELU, bias adds and
-   softmax are elementwise and are left out (< 1% of the total at D >= 64).
+8. `flops_per_sample` counts matmul FLOPs only (multiply-add = 2), from the config
+   (`models/rankmixer_cost.py`); the ablation sublayers live in `models/rankmixer_ablations.py`.
+9. It is a `DenseArch`: everything Sparse-MoE adds (aux loss, routing stats, router lr, sparse vs
+   all-experts inference) reaches the pipeline through the DenseArch hooks, computed in models/moe.py.
 """
 
 from __future__ import annotations
@@ -33,8 +35,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.dense_arch import DenseArch
 from models.heads import MultiTaskHead
-from models.moe import DTSI_MIXES, ROUTERS, SparseMoEFFN, top_k_for
+from models.init import init_linear_
+from models.moe import (
+    ACTIVE_RATIO,
+    DTSI_MIXES,
+    ROUTERS,
+    SparseMoEFFN,
+    moe_aux_loss,
+    moe_eval_stats,
+    moe_stats,
+    moe_stats_summary,
+    router_lr_scales,
+    set_sparse_inference,
+    top_k_for,
+)
+from models.rankmixer_ablations import ConcatMLP, SelfAttentionMixing, SharedFFN
+from models.rankmixer_cost import flops_breakdown
 
 TOKEN_MIXINGS = ("multi_head", "none", "self_attention", "all_concat_mlp", "all_share")
 FFNS = ("per_token", "shared", "smoe")
@@ -69,6 +87,9 @@ class RankMixerConfig:
     moe_bias_lr: float = 0.05  # h_infer's per-slot bias += lr * sign(target - slot frequency) per step
     moe_balance_coef: float = 0.01  # Switch load-balancing loss weight (topk_balanced)
     moe_dtsi_mix: str = "convex"  # how h_infer gets the task gradient (see models/moe.py)
+    # lr multiplier of the routers (DenseArch.lr_scales). ReLU gates die under full-size RMSProp steps at
+    # lr 0.01 (reports/moe.md): routers step 10x smaller by default.
+    moe_router_lr_scale: float = 0.1
 
     def __post_init__(self) -> None:
         if self.token_mixing not in TOKEN_MIXINGS:
@@ -124,10 +145,6 @@ class RankMixerConfig:
         return self.moe_k / self.moe_num_experts
 
 
-def _init_linear_(weight: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
-    nn.init.normal_(weight, mean=0.0, std=scale / math.sqrt(fan_in))
-
-
 class SemanticTokenizer(nn.Module):
     """Eq. 2: concat the group embeddings in group order, split into T equal chunks, project each chunk
     to D with its own weights (one batched matmul).
@@ -150,12 +167,12 @@ class SemanticTokenizer(nn.Module):
             self.pad = num_tokens * self.chunk - self.input_width
             self.weight = nn.Parameter(torch.empty(num_tokens, self.chunk, dim))  # (T, d, D)
             self.bias = nn.Parameter(torch.zeros(num_tokens, 1, dim))  # (T, 1, D)
-            _init_linear_(self.weight, self.chunk)
+            init_linear_(self.weight, self.chunk)
         else:
             self.chunk, self.pad = self.input_width, 0
             self.weight = nn.Parameter(torch.empty(self.input_width, dim))  # (W, D)
             self.bias = nn.Parameter(torch.zeros(dim))  # (D,)
-            _init_linear_(self.weight, self.input_width)
+            init_linear_(self.weight, self.input_width)
 
     def forward(self, groups: list[torch.Tensor]) -> torch.Tensor:
         if len(groups) != len(self.group_dims):
@@ -191,28 +208,6 @@ class TokenMixing(nn.Module):
         return mixed.reshape(H, B, T * (D // H))  # (H, B, T*D/H): s^h = [x_1^h || ... || x_T^h]
 
 
-class SelfAttentionMixing(nn.Module):
-    """Table 3 ablation: multi-head self-attention across tokens instead of token mixing (shared Q/K/V/O
-    projections, as in a Transformer). (T, B, D) -> (T, B, D)."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
-        for lin in (self.qkv, self.out):
-            _init_linear_(lin.weight, dim)
-            nn.init.zeros_(lin.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T, B, D = x.shape
-        nh = self.num_heads
-        qkv = self.qkv(x).view(T, B, 3, nh, D // nh)  # (T, B, 3, nh, hd)
-        q, k, v = qkv.permute(2, 1, 3, 0, 4).unbind(0)  # 3 x (B, nh, T, hd)
-        attn = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd)
-        return self.out(attn.permute(2, 0, 1, 3).reshape(T, B, D))  # (T, B, D)
-
-
 class PerTokenFFN(nn.Module):
     """Eq. 6-9: token t has its own two-layer GELU MLP, D -> kD -> D. Stacked weights (T, D, kD) and
     (T, kD, D); one baddbmm (bias fused) per layer for all tokens. (T, B, D) -> (T, B, D)."""
@@ -225,56 +220,13 @@ class PerTokenFFN(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_tokens, hidden, dim))  # (T, kD, D)
         self.b2 = nn.Parameter(torch.zeros(num_tokens, 1, dim))  # (T, 1, D)
         self.dropout = nn.Dropout(dropout)
-        _init_linear_(self.w1, dim)
-        _init_linear_(self.w2, hidden, scale=1.0 / math.sqrt(2 * num_layers))
+        init_linear_(self.w1, dim)
+        init_linear_(self.w2, hidden, scale=1.0 / math.sqrt(2 * num_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.baddbmm(self.b1, x, self.w1)  # (T, B, D) @ (T, D, kD) -> (T, B, kD)
         h = self.dropout(F.gelu(h))
         return self.dropout(torch.baddbmm(self.b2, h, self.w2))  # (T, B, kD) @ (T, kD, D) -> (T, B, D)
-
-
-class SharedFFN(nn.Module):
-    """Table 2 ablation: one D -> kD -> D GELU MLP shared by all tokens. (T, B, D) -> (T, B, D)."""
-
-    def __init__(self, dim: int, mult: float, dropout: float = 0.0, num_layers: int = 1) -> None:
-        super().__init__()
-        hidden = round(mult * dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.dropout = nn.Dropout(dropout)
-        _init_linear_(self.fc1.weight, dim)
-        _init_linear_(self.fc2.weight, hidden, scale=1.0 / math.sqrt(2 * num_layers))
-        nn.init.zeros_(self.fc1.bias)
-        nn.init.zeros_(self.fc2.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(F.gelu(self.fc1(x)))  # (T, B, kD)
-        return self.dropout(self.fc2(h))  # (T, B, D)
-
-
-class ConcatMLP(nn.Module):
-    """Table 3 "All-Concat-MLP": concatenate all T tokens, one MLP TD -> kD -> TD, split back into T
-    tokens. Hidden width kD keeps params and FLOPs equal to the per-token FFN (2kTD^2), matching the
-    table's ~0% delta. (T, B, D) -> (T, B, D)."""
-
-    def __init__(self, num_tokens: int, dim: int, mult: float, dropout: float = 0.0, num_layers: int = 1):
-        super().__init__()
-        hidden = round(mult * dim)
-        self.fc1 = nn.Linear(num_tokens * dim, hidden)
-        self.fc2 = nn.Linear(hidden, num_tokens * dim)
-        self.dropout = nn.Dropout(dropout)
-        _init_linear_(self.fc1.weight, num_tokens * dim)
-        _init_linear_(self.fc2.weight, hidden, scale=1.0 / math.sqrt(2 * num_layers))
-        nn.init.zeros_(self.fc1.bias)
-        nn.init.zeros_(self.fc2.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T, B, D = x.shape
-        flat = x.transpose(0, 1).reshape(B, T * D)  # (B, T*D): all tokens concatenated
-        h = self.dropout(F.gelu(self.fc1(flat)))  # (B, kD)
-        out = self.dropout(self.fc2(h))  # (B, T*D)
-        return out.view(B, T, D).transpose(0, 1)  # (T, B, D): split back into T tokens
 
 
 def build_token_mixing(cfg: RankMixerConfig) -> nn.Module | None:
@@ -335,7 +287,7 @@ class RankMixerBlock(nn.Module):
         return self.norm2(v + s if self.residual else v)  # (T, B, D)
 
 
-class RankMixer(nn.Module):
+class RankMixer(DenseArch):
     """Tokenizer -> L RankMixer blocks -> mean pool over tokens -> one head per task (logits)."""
 
     def __init__(self, cfg: RankMixerConfig) -> None:
@@ -353,84 +305,49 @@ class RankMixer(nn.Module):
         pooled = x.mean(dim=0)  # (B, D): mean pooling over tokens
         return self.head(pooled)  # (B, num_tasks)
 
-    def num_params(self) -> int:
-        """Dense parameters actually in the module (works on the meta device)."""
-        return sum(p.numel() for p in self.parameters())
-
     def flops_per_sample(self, active_ratio: float | None = None) -> float:
         """Forward matmul FLOPs for one sample, from the config (multiply-add = 2). For ffn=smoe: None =
         dense-activated (every expert computed), a float = expected FLOPs with that fraction of experts
         active (`self.cfg.moe_expected_active_ratio` is the training target)."""
         return sum(flops_breakdown(self.cfg, active_ratio).values())
 
+    # ---- DenseArch hooks: all Sparse-MoE (ffn=smoe); a dense FFN reports the defaults ---------------
+
     def moe_ffns(self) -> list[SparseMoEFFN]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, SparseMoEFFN)]
 
+    def activated_flops_per_sample(self, eval_metrics: dict[str, float]) -> float:
+        """At the active-expert ratio the evaluation measured (sparse inference skips the others)."""
+        if self.moe_ffns() and ACTIVE_RATIO in eval_metrics:
+            return self.flops_per_sample(eval_metrics[ACTIVE_RATIO])
+        return self.flops_per_sample()
+
     def aux_loss(self) -> torch.Tensor | None:
-        """Sum over blocks of the Sparse-MoE auxiliary losses of the last training forward (lambda * L_reg
-        or the balance loss); None when there is none (dense FFNs, plain top-k). Add it to the task loss."""
-        losses = [loss for loss in (ffn.aux_loss() for ffn in self.moe_ffns()) if loss is not None]
-        return torch.stack(losses).sum() if losses else None
+        """lambda * L_reg (or the balance loss) summed over blocks; None for dense FFNs and plain top-k."""
+        return moe_aux_loss(self.moe_ffns())
 
-    def moe_stats(self) -> dict[str, float]:
-        """Per block Sparse-MoE stats ("block{i}/{name}") of the last forward, plus their block mean."""
-        stats: dict[str, float] = {}
-        per_block = [ffn.stats() for ffn in self.moe_ffns()]
-        for i, block_stats in enumerate(per_block):
-            stats.update({f"block{i}/{k}": v for k, v in block_stats.items()})
-        if per_block:
-            stats["active_ratio"] = sum(s["active_ratio"] for s in per_block) / len(per_block)
-        return stats
+    def stats(self) -> dict[str, float]:
+        return moe_stats(self.moe_ffns())
 
+    def stats_summary(self, stats: dict[str, float]) -> str:
+        return moe_stats_summary(stats)
 
-def flops_breakdown(cfg: RankMixerConfig, active_ratio: float | None = None) -> dict[str, float]:
-    """Forward matmul FLOPs per sample by part. `blocks_ffn` is the term eq. 12 covers (4kLTD^2). For
-    ffn=smoe, `blocks_ffn` is 4 k_e N_e L T D^2 times the active ratio (None = 1: dense-activated), plus the
-    inference router (2 L T D N_e) and the gate mix (2 L T N_e D times the ratio): inference FLOPs, the
-    training forward also runs h_train (relu_dtsi) and a second mix."""
-    T, D, L, kD = cfg.num_tokens, cfg.dim, cfg.num_layers, cfg.ffn_hidden
-    W = cfg.input_width
-    chunk = math.ceil(W / T)
-    tokenizer = 2 * T * chunk * D if cfg.token_mixing != "all_share" else 2 * W * D
-    mixing = 0.0
-    if cfg.token_mixing == "self_attention":
-        # Q, K, V, O projections for T tokens + scores (T x T x D) + weighted sum (T x T x D)
-        mixing = L * (2 * T * D * 4 * D + 2 * 2 * T * T * D)
-    # per-token, shared and concat FFNs all do 2 * (D x kD) matmuls per token: 4kTD^2 per layer
-    blocks_ffn = L * 4 * kD * T * D
-    head = MultiTaskHead.flops_per_sample_for(D, cfg.num_tasks, cfg.head_hidden)
-    parts = {"tokenizer": float(tokenizer), "mixing": float(mixing), "blocks_ffn": float(blocks_ffn),
-             "head": float(head)}  # fmt: skip
-    if cfg.ffn == "smoe":
-        ratio = 1.0 if active_ratio is None else active_ratio
-        E, H = cfg.moe_num_experts, cfg.moe_expert_hidden
-        parts["blocks_ffn"] = L * 4 * T * E * D * H * ratio
-        parts["moe_router"] = float(L * 2 * T * D * E)
-        parts["moe_gate_mix"] = L * 2 * T * E * D * ratio
-    return parts
+    def eval_stats(self) -> dict[str, float]:
+        return moe_eval_stats(self.moe_ffns())
 
+    def lr_scales(self) -> dict[str, float]:
+        """Sparse-MoE routers step at `moe_router_lr_scale` times the dense lr."""
+        scales = {}
+        for i, block in enumerate(self.blocks):
+            if isinstance(block.ffn, SparseMoEFFN):
+                routers = router_lr_scales(block.ffn, self.cfg.moe_router_lr_scale)
+                scales.update({f"blocks.{i}.ffn.{name}": s for name, s in routers.items()})
+        return scales
 
-def expected_num_params(cfg: RankMixerConfig) -> dict[str, int]:
-    """Parameter count by part, from the config alone. `blocks_ffn` is the term eq. 12 covers (2kLTD^2)."""
-    T, D, L, kD = cfg.num_tokens, cfg.dim, cfg.num_layers, cfg.ffn_hidden
-    W = cfg.input_width
-    if cfg.token_mixing == "all_share":
-        tokenizer = W * D + D
-    else:
-        tokenizer = T * math.ceil(W / T) * D + T * D
-    if cfg.token_mixing == "all_concat_mlp":
-        ffn = 2 * kD * T * D + kD + T * D
-    elif cfg.ffn == "shared":
-        ffn = 2 * kD * D + kD + D
-    elif cfg.ffn == "smoe":
-        E, H = cfg.moe_num_experts, cfg.moe_expert_hidden
-        num_routers = 2 if cfg.moe_router == "relu_dtsi" else 1  # h_infer (+ h_train)
-        ffn = T * E * (2 * D * H + H + D) + num_routers * T * (D * E + E)
-    else:
-        ffn = 2 * kD * T * D + T * kD + T * D
-    mixing = 4 * D * D + 4 * D if cfg.token_mixing == "self_attention" else 0
-    has_mixing = cfg.token_mixing in ("multi_head", "self_attention")
-    norms = (2 * D) * (int(has_mixing) + 1) if cfg.layer_norm else 0
-    head = MultiTaskHead.num_params_for(D, cfg.num_tasks, cfg.head_hidden)
-    return {"tokenizer": tokenizer, "mixing": L * mixing, "blocks_ffn": L * ffn, "norms": L * norms,
-            "head": head}  # fmt: skip
+    def inference_modes(self) -> tuple[str, ...]:
+        return ("dense",) if self.moe_ffns() else ()  # every expert computed, with the serving gates
+
+    def use_inference_mode(self, mode: str | None) -> None:
+        if mode not in (None, *self.inference_modes()):
+            raise ValueError(f"RankMixer has no inference mode {mode!r} (modes: {self.inference_modes()})")
+        set_sparse_inference(self.moe_ffns(), sparse=mode is None)

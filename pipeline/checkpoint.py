@@ -50,8 +50,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+def _complete(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of the complete checkpoints under `root`, oldest first."""
     if not root.is_dir():
         return []
     found = [
@@ -59,7 +59,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
         for p in root.iterdir()
         if (m := _STEP_DIR.match(p.name)) and (p / "trainer.json").is_file()
     ]
-    return [p for _, p in sorted(found)]
+    return sorted(found)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    return [p for _, p in _complete(root)]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -83,6 +88,11 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         found = complete_checkpoints(self.root)
         return found[-1] if found else None
+
+    def latest_step(self) -> int | None:
+        """The step of the latest complete checkpoint (None: there is none)."""
+        found = _complete(self.root)
+        return found[-1][0] if found else None
 
     def save(
         self,
@@ -139,11 +149,6 @@ def load_checkpoint_into(path: Path, model: torch.nn.Module, optimizer: torch.op
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
         optimizer.post_load_state_dict()  # type: ignore[attr-defined]  # e.g. warmup re-applies its lr
-
-
-def run_dir_for(path: Path) -> Path:
-    """The run dir that owns a checkpoint (…/<run>/checkpoints/step_N)."""
-    return path.parent.parent
 
 
 def agree_on_path(info: DistInfo, path: Path | None) -> Path | None:

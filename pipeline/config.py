@@ -1,16 +1,19 @@
 """Typed configs of a training / eval job. Hydra composes YAML from `conf/` over these dataclasses
-(registered in `launch/`), so a misspelt override or a wrong type fails before anything runs.
+(registered by `launch/configs.py`), so a misspelt override or a wrong type fails before anything runs.
 
-`model` is `Any` here because its fields depend on `model.arch`: each preset in conf/model/ extends the typed
-node `model_preset_schemas()` generates from that arch's config dataclass, and a checkpoint's saved mapping
-is validated against the same dataclass in `models.ranking.dense_arch_config` when the model is built.
+`model` is the typed `ModelConfig` (models/config.py); each preset in conf/model/ extends the variant of
+it whose `dense` field is its arch's config dataclass. A run's saved `config.yaml` is read back typed the
+same way (`load_train_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from pathlib import Path
+from typing import Any
+
+from models.config import ModelConfig, model_config_class
 
 
 def reject_unknown_keys(cfg: Any, path: str = "") -> None:
@@ -29,35 +32,6 @@ def reject_unknown_keys(cfg: Any, path: str = "") -> None:
     for key in cfg.keys():
         # _get_node, not cfg[key]: reading a mandatory "???" value (eval's checkpoint) would raise here
         reject_unknown_keys(cfg._get_node(key), f"{path}.{key}" if path else str(key))
-
-
-def model_preset_schemas() -> dict[str, type]:
-    """Per dense arch, a typed Hydra node `model/<arch>_base`: `arch` plus every field of the arch's config
-    dataclass except those filled in from the schema. Presets in conf/model/ extend it (defaults list), so
-    any field can be overridden (`model.moe_num_experts=8`) and a wrong type or unknown key is an error."""
-    from models.longer import LongerConfig
-    from models.ranking import DENSE_ARCHS  # the dense archs' own configs are the source of truth
-
-    schemas = {}
-    for arch, (config_cls, _) in DENSE_ARCHS.items():
-        types = get_type_hints(config_cls)  # real types: the model modules use postponed annotations
-        fields = [
-            ("arch", str, field(default=arch)),
-            # the sequence arch, the same for every dense arch: none | mean_pool | longer (models/ranking.py)
-            ("sequence", str, field(default="mean_pool")),
-            ("longer", LongerConfig, field(default_factory=LongerConfig)),
-        ]
-        for f in dataclasses.fields(config_cls):
-            if f.name in ("group_dims", "num_tasks"):
-                continue
-            default = (
-                {"default": f.default}
-                if f.default is not dataclasses.MISSING
-                else {"default_factory": f.default_factory}
-            )
-            fields.append((f.name, types[f.name], field(**default)))
-        schemas[f"{arch}_base"] = dataclasses.make_dataclass(f"{config_cls.__name__}Preset", fields)
-    return schemas
 
 
 @dataclass
@@ -95,11 +69,8 @@ class DenseOptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 200  # linear warmup of the dense lr from 0
     grad_clip_norm: float = 1.0  # clip the dense grads' global 2-norm; <= 0 disables
-    # lr multiplier of Sparse-MoE router parameters (names containing "router_"). ReLU gates die under
-    # full-size RMSProp steps at lr 0.01 (reports/moe.md): routers step 10x smaller by default.
-    router_lr_scale: float = 0.1
-    # lr multiplier of the sequence arch (model.sequence=longer: the LONGER module's parameters)
-    sequence_lr_scale: float = 1.0
+    # Parameter groups that step at a multiple of `lr` are the model's to name (`RankingModel.lr_scales`,
+    # set by model.* fields).
 
 
 @dataclass
@@ -140,7 +111,7 @@ class TrainerConfig:
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: Any = None
+    model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -154,3 +125,20 @@ class EvalConfig:
     output: str | None = None  # where metrics.json goes; None: <checkpoint>/eval_<split>/
     save_predictions: bool = False
     max_batches: int = -1
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    """A run's saved `config.yaml` (in its run dir and in each checkpoint), typed and validated like the
+    Hydra config it was written from."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    saved = OmegaConf.load(path)
+    arch = OmegaConf.select(saved, "model.arch", default="rankmixer")
+    schema = OmegaConf.structured(TrainConfig(model=model_config_class(arch)()))
+    try:
+        merged = OmegaConf.merge(schema, saved)
+    except OmegaConfBaseException as e:  # a key or type the config does not have: say which, where
+        raise ValueError(f"{path}: {str(e).splitlines()[0]} (full key: {e.full_key})") from None
+    reject_unknown_keys(merged)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]

@@ -64,8 +64,3 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

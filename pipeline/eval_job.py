@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from data.schema import Schema
 from pipeline.checkpoint import load_checkpoint_into, resolve_checkpoint
-from pipeline.config import EvalConfig, TrainConfig
+from pipeline.config import EvalConfig, TrainConfig, load_train_config
 from pipeline.dist import init_distributed
 from pipeline.evaluate import evaluate_inference_modes
+from pipeline.files import write_json_atomic
+from pipeline.job import build_model, make_reader, seed_everything
 from pipeline.run_log import setup_logging
-from pipeline.train_loop import build_model, make_reader, seed_everything, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,7 @@ def load_run_config(checkpoint: Path) -> TrainConfig:
     path = checkpoint / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint}: no config.yaml (not written by launch/train.py?)")
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    return load_train_config(path)
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:

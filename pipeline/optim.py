@@ -38,28 +38,9 @@ def set_initial_accumulator(dmp: DistributedModelParallel, value: float) -> None
                 t.fill_(value)
 
 
-ROUTER_PARAM_MARK = "router_"  # SparseMoEFFN's router_w/_b (h_infer) and train_router_w/_b (h_train)
-SEQUENCE_ARCH_PREFIX = "sequence_arch."  # RankingModel's LONGER module
-
-
-def dense_lr_scales(named_params: dict[str, torch.Tensor], cfg: DenseOptimConfig) -> dict[str, float]:
-    """Parameter name -> lr multiplier: Sparse-MoE routers (last name part contains `ROUTER_PARAM_MARK`)
-    `router_lr_scale`, the sequence arch (a name part starts with `SEQUENCE_ARCH_PREFIX`)
-    `sequence_lr_scale`, everything else 1."""
-
-    def scale(name: str) -> float:
-        if ROUTER_PARAM_MARK in name.rsplit(".", 1)[-1]:
-            return cfg.router_lr_scale
-        if name.startswith(SEQUENCE_ARCH_PREFIX) or f".{SEQUENCE_ARCH_PREFIX}" in name:
-            return cfg.sequence_lr_scale
-        return 1.0
-
-    return {name: scale(name) for name in named_params}
-
-
 def _dense_optimizer_factory(cfg: DenseOptimConfig, scale_of: dict[int, float]):  # noqa: ANN202
-    """params -> Optimizer with one param group per lr multiplier (`lr_scale`, from `dense_lr_scales`,
-    keyed by parameter id). Every group's lr is cfg.lr * lr_scale."""
+    """params -> Optimizer with one param group per lr multiplier (`lr_scale`, keyed by parameter id).
+    Every group's lr is cfg.lr * lr_scale."""
     name = cfg.name.lower()
     makers = {
         "rmsprop": lambda g: torch.optim.RMSprop(
@@ -84,7 +65,7 @@ def _dense_optimizer_factory(cfg: DenseOptimConfig, scale_of: dict[int, float]):
 
 class GroupScaledWarmupOptimizer(WarmupOptimizer):
     """TorchRec's `WarmupOptimizer` writes one lr into every param group; this one then multiplies each
-    group's lr by its `lr_scale`, so the routers' smaller lr survives the warmup schedule."""
+    group's lr by its `lr_scale`, so a group's own lr multiple survives the warmup."""
 
     def _set_lr(self, iter_: int, stage_id: int) -> None:
         super()._set_lr(iter_, stage_id)
@@ -92,11 +73,13 @@ class GroupScaledWarmupOptimizer(WarmupOptimizer):
             group[self._lr_param] *= group.get("lr_scale", 1.0)
 
 
-def build_dense_optimizer(named_params: dict[str, torch.Tensor], cfg: DenseOptimConfig) -> KeyedOptimizer:
-    """warmup -> clip -> RMSProp over the dense parameters. Routers and the sequence arch step at their
-    own multiple of `cfg.lr` (`dense_lr_scales`); the clipping norm is global."""
-    scales = dense_lr_scales(named_params, cfg)
-    scale_of = {id(p): scales[k] for k, p in named_params.items()}
+def build_dense_optimizer(
+    named_params: dict[str, torch.Tensor], cfg: DenseOptimConfig, lr_scales: dict[int, float] | None = None
+) -> KeyedOptimizer:
+    """warmup -> clip -> RMSProp over the dense parameters. Parameters in `lr_scales` (keyed by parameter
+    id: the model's `lr_scales()`) step at that multiple of `cfg.lr`, the rest at
+    `cfg.lr`; the clipping norm is global."""
+    scale_of = {id(p): (lr_scales or {}).get(id(p), 1.0) for p in named_params.values()}
     dense: KeyedOptimizer = KeyedOptimizerWrapper(named_params, _dense_optimizer_factory(cfg, scale_of))
     if cfg.grad_clip_norm > 0:
         dense = GradientClippingOptimizer(
@@ -113,9 +96,10 @@ def build_dense_optimizer(named_params: dict[str, torch.Tensor], cfg: DenseOptim
     return dense
 
 
-def build_optimizer(dmp: DistributedModelParallel, cfg: DenseOptimConfig) -> CombinedOptimizer:
+def build_optimizer(
+    dmp: DistributedModelParallel, cfg: DenseOptimConfig, lr_scales: dict[int, float] | None = None
+) -> CombinedOptimizer:
     """sparse (fused, already stepping inside backward) + dense (`build_dense_optimizer`)."""
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    return CombinedOptimizer(
-        [("sparse", dmp.fused_optimizer), ("dense", build_dense_optimizer(dense_params, cfg))]
-    )
+    dense = build_dense_optimizer(dense_params, cfg, lr_scales)
+    return CombinedOptimizer([("sparse", dmp.fused_optimizer), ("dense", dense)])

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real synthetic schema and one small generated dataset per test session."""
+"""Shared fixtures: the real synthetic schema, one small generated dataset per test session, and a small
+hand-written schema (two tables, one shared with the sequence) for sharding and wiring tests."""
 
 from __future__ import annotations
 
@@ -29,3 +30,55 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory, synthetic_schema: Sc
     root = tmp_path_factory.mktemp("data") / "synthetic"
     generate(synthetic_schema, params, root)
     return root
+
+
+_TWO_TABLE_SCHEMA = {
+    "name": "t",
+    "labels": ["finish", "skip"],
+    "user_id": "uid",
+    "groups": ["user", "item", "sequence"],
+    "dense": [
+        {"name": "d0", "column": "d0", "group": "user"},
+        {"name": "d1", "column": "d1", "group": "item"},
+    ],
+    "sparse": [
+        {"name": "user_id", "column": "uid", "num_embeddings": 60, "embedding_dim": 8, "group": "user"},
+        {
+            "name": "item_id",
+            "column": "iid",
+            "num_embeddings": 80,
+            "embedding_dim": 8,
+            "group": "item",
+            "table": "item",
+        },
+        {
+            "name": "tags",
+            "column": "tags",
+            "num_embeddings": 30,
+            "embedding_dim": 4,
+            "group": "item",
+            "multi_hot": True,
+            "pooling": "mean",
+        },
+    ],
+    "sequence": {
+        "group": "sequence",
+        "max_len": 8,
+        "features": [
+            {
+                "name": "seq_item",
+                "column": "seq_item",
+                "num_embeddings": 80,
+                "embedding_dim": 8,
+                "table": "item",
+            }
+        ],
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def two_table_schema() -> Schema:
+    """user (id + dense), item (id on the shared "item" table + multi-hot tags + dense), and a sequence of
+    item ids on the same "item" table."""
+    return Schema.from_dict(_TWO_TABLE_SCHEMA)

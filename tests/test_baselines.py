@@ -8,18 +8,17 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.baselines import SCALE_FIELD
-from models.ranking import DENSE_ARCHS, build_dense_arch
+from models.config import DENSE_ARCHS, arch_classes, model_config_from_dict
+from models.dense_arch import DenseArch
 
 GROUP_DIMS = [20, 36, 12, 8, 28]
 BASELINES = [a for a in DENSE_ARCHS if a != "rankmixer"]
 
 
-def small_cfg(arch: str) -> dict:
-    cfg: dict = {"arch": arch}
+def build_dense_arch(arch: str, group_dims: list[int], num_tasks: int, **dense) -> DenseArch:
     if arch == "rankmixer":
-        cfg.update(num_tokens=4, dim=16)
-    return cfg
+        dense = {"num_tokens": 4, "dim": 16, **dense}
+    return model_config_from_dict({"arch": arch, "dense": dense}).build_dense_arch(group_dims, num_tasks)
 
 
 def groups(batch: int = 5) -> list[torch.Tensor]:
@@ -27,15 +26,17 @@ def groups(batch: int = 5) -> list[torch.Tensor]:
     return [torch.randn(batch, d) for d in GROUP_DIMS]
 
 
-def test_every_dense_arch_has_a_preset_scale_field_and_a_typed_config():
-    assert set(SCALE_FIELD) == set(DENSE_ARCHS)
-    for arch, (config_cls, _) in DENSE_ARCHS.items():
-        assert SCALE_FIELD[arch] in {f.name for f in dataclasses.fields(config_cls)}
+def test_every_dense_arch_is_a_dense_arch_with_a_typed_config_and_scale_fields():
+    for arch, spec in DENSE_ARCHS.items():
+        config_cls, arch_cls = arch_classes(arch)
+        assert issubclass(arch_cls, DenseArch) and dataclasses.is_dataclass(config_cls)
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        assert spec.scale_field in fields and spec.scale_step in (None, *fields), arch
 
 
 @pytest.mark.parametrize("arch", BASELINES)
 def test_baseline_maps_groups_to_one_logit_per_task_and_learns(arch: str):
-    model = build_dense_arch(small_cfg(arch), GROUP_DIMS, num_tasks=3)
+    model = build_dense_arch(arch, GROUP_DIMS, num_tasks=3)
     x = groups(64)
     labels = (x[0][:, :3] > 0).float()  # learnable from the input
     assert model(x).shape == (64, 3)
@@ -52,7 +53,7 @@ def test_baseline_maps_groups_to_one_logit_per_task_and_learns(arch: str):
 
 @pytest.mark.parametrize("arch", list(DENSE_ARCHS))
 def test_flops_per_sample_matches_the_flop_counter(arch: str):
-    model = build_dense_arch(small_cfg(arch), GROUP_DIMS, num_tasks=2)
+    model = build_dense_arch(arch, GROUP_DIMS, num_tasks=2)
     batch = 4
     with FlopCounterMode(display=False) as counter:
         model(groups(batch))
@@ -65,11 +66,11 @@ def test_flops_per_sample_matches_the_flop_counter(arch: str):
 
 @pytest.mark.parametrize("arch", BASELINES)
 def test_num_params_counts_every_dense_parameter_and_grows_with_the_scale_field(arch: str):
-    model = build_dense_arch(small_cfg(arch), GROUP_DIMS, num_tasks=2)
+    model = build_dense_arch(arch, GROUP_DIMS, num_tasks=2)
     assert model.num_params() == sum(p.numel() for p in model.parameters())
-    field = SCALE_FIELD[arch]
+    field = DENSE_ARCHS[arch].scale_field
     default = getattr(model.cfg, field)
-    bigger = build_dense_arch({**small_cfg(arch), field: 2 * default}, GROUP_DIMS, num_tasks=2)
+    bigger = build_dense_arch(arch, GROUP_DIMS, num_tasks=2, **{field: 2 * default})
     assert bigger.num_params() > 1.5 * model.num_params()
 
 
@@ -86,7 +87,7 @@ class _GroupsAsArgs(torch.nn.Module):
 
 @pytest.mark.parametrize("arch", BASELINES)
 def test_baseline_forward_is_fx_traceable_for_the_sparse_dist_pipeline(arch: str):
-    model = build_dense_arch(small_cfg(arch), GROUP_DIMS, num_tasks=2)
+    model = build_dense_arch(arch, GROUP_DIMS, num_tasks=2)
     traced = torch.fx.symbolic_trace(_GroupsAsArgs(model))
     x = groups()
     torch.testing.assert_close(traced(*x), model(x))

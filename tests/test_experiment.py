@@ -1,5 +1,6 @@
-"""launch/experiment.py: sweep configs expand as written, budgets are solved, and a real 2-rank sweep
-writes its table, plots and raw results, and is not rerun when resumed."""
+"""launch/experiment.py: sweep configs expand as written, budgets are solved, a re-report reuses the earlier
+dense-arch speeds, and a real 2-rank sweep writes its table, plots and raw results, and is neither rerun
+nor re-timed when resumed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import launch.experiment as experiment
 from launch.experiment import load_sweep, main, solve_budget
+from launch.sweep_report import METRICS
 
 
 def write(path: Path, text: str) -> Path:
@@ -24,7 +27,7 @@ name: t
 overrides: [trainer.max_steps=100]
 seeds: [0, 1, 2]
 reference: "a @1M"
-cells: [{label: extra, overrides: [model.dim=32]}]
+cells: [{label: extra, overrides: [model.dense.dim=32]}]
 budget_grid: {models: {a: [model=dlrm], b: [model=dcnv2]}, budgets: [1000000, 4000000]}
 quick: {overrides: [trainer.max_steps=5], seeds: [7], budgets: [1000000], reference: "b @1M"}
 """,
@@ -58,6 +61,48 @@ def test_solved_width_lands_near_the_parameter_budget(model: str):
     assert abs(params - 500_000) / 500_000 < 0.1, (name, width, params)  # RankMixer's D steps by T
 
 
+def test_rereport_reuses_earlier_speeds_and_partial_reports_keep_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The partial report written after each cell rewrites results.json; the speeds of the earlier report
+    must survive it: neither re-measured nor dropped, also when a re-report stops half-way."""
+    metrics = {"test": dict.fromkeys(METRICS, 0.7), "train_samples_per_s": 100.0}
+    monkeypatch.setattr(experiment, "run_cell", lambda overrides, run_dir, seed, nproc: metrics)
+    timed = []
+
+    def fake_speed(cfg, batch_size: int = 512) -> dict:
+        timed.append(cfg.model.arch)
+        return {"samples_per_s": 100.0 + len(timed), "mfu": 0.5}
+
+    monkeypatch.setattr(experiment, "measure_dense_speed", fake_speed)
+    cfg_path = write(
+        tmp_path / "sweep.yaml",
+        "name: t\nseeds: [0]\n"
+        "cells: [{label: a, overrides: [model=dlrm]}, {label: b, overrides: [model=dcnv2]}]",
+    )
+    out = tmp_path / "report"
+    argv = [str(cfg_path), "--out", str(out)]
+
+    def speeds() -> list:
+        return [c.get("speed") for c in json.loads((out / "results.json").read_text())["cells"]]
+
+    assert main(argv) == 0 and timed == ["dlrm", "dcnv2"]
+    first = speeds()
+    assert first == [{"samples_per_s": 101.0, "mfu": 0.5}, {"samples_per_s": 102.0, "mfu": 0.5}]
+    assert main(argv) == 0  # re-report of a finished sweep
+    assert timed == ["dlrm", "dcnv2"] and speeds() == first  # nothing re-timed, nothing dropped
+
+    def stop_at_b(overrides, run_dir, seed, nproc):
+        if "model=dcnv2" in overrides:
+            raise KeyboardInterrupt
+        return metrics
+
+    monkeypatch.setattr(experiment, "run_cell", stop_at_b)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    assert speeds() == first[:1]  # the partial report written after cell a kept a's speed
+
+
 @pytest.mark.slow
 def test_two_rank_sweep_writes_table_plots_results_and_skips_finished_runs(
     small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
@@ -73,9 +118,9 @@ seeds: [0]
 reference: rankmixer
 measure_speed: true
 cells:
-  - {{label: rankmixer, x: 1, overrides: [model=rankmixer_tiny, model.dim=16]}}
-  - {{label: smoe, x: 0.5, overrides: [model=rankmixer_tiny, model.dim=16, model.ffn=smoe,
-                                       model.moe_num_experts=4, model.moe_expert_mult=0.5]}}
+  - {{label: rankmixer, x: 1, overrides: [model=rankmixer_tiny, model.dense.dim=16]}}
+  - {{label: smoe, x: 0.5, overrides: [model=rankmixer_tiny, model.dense.dim=16, model.dense.ffn=smoe,
+                                       model.dense.moe_num_experts=4, model.dense.moe_expert_mult=0.5]}}
 plots: [{{file: auc.png, y: finish/auc, x: x}}]
 """,
     )
@@ -94,5 +139,12 @@ plots: [{{file: auc.png, y: finish/auc, x: x}}]
     # activated FLOPs follow the measured ratio: below the every-expert count unless all are active
     assert smoe["activated_flops"] <= smoe["dense_flops"]
     capsys.readouterr()
+
+    def no_second_timing(cfg, batch_size: int = 512) -> dict:
+        raise AssertionError("a resumed sweep re-measured a dense-arch speed results.json already had")
+
+    monkeypatch.setattr(experiment, "measure_dense_speed", no_second_timing)
     assert main([str(cfg_path), "--out", str(out)]) == 0  # resumed: every run has its metrics.json
     assert "done in" not in capsys.readouterr().out
+    resumed = json.loads((out / "results.json").read_text())["cells"]
+    assert [c["speed"] for c in resumed] == [c["speed"] for c in cells]  # kept, not dropped

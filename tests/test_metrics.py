@@ -1,4 +1,4 @@
-"""Exact metrics in pipeline.metrics against sklearn / brute force, single-process and 2-rank gloo."""
+"""Exact metrics (data.auc, pipeline.metrics) vs sklearn / brute force, single-process and 2-rank gloo."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import log_loss, roc_auc_score
 
-from pipeline.metrics import ExactAUCEvaluator, binary_auc, user_auc
+from data.auc import binary_auc, user_auc
+from pipeline.metrics import ExactAUCEvaluator
 
 TASKS = ["click", "like"]
 

@@ -5,6 +5,7 @@ Tiny shapes only: the whole file runs in a few seconds on 2 CPU cores.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from launch.bench import load_preset
 from models.moe import DTSI_MIXES, SparseMoEFFN
-from models.rankmixer import RankMixer, RankMixerConfig, expected_num_params, flops_breakdown
+from models.rankmixer import RankMixer, RankMixerConfig
+from models.rankmixer_cost import expected_num_params, flops_breakdown
 
 GROUP_DIMS = [24, 16, 13]
 T, D, E, H, B = 3, 8, 4, 12, 6  # tokens, width, experts per token, expert hidden, batch
@@ -202,7 +204,7 @@ def test_lambda_controller_steers_the_active_ratio_to_the_target() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        ratios.append(model.moe_stats()["active_ratio"])
+        ratios.append(model.stats()["moe/active_ratio"])
         max_lambda = max([max_lambda] + [ffn.lambda_.item() for ffn in model.moe_ffns()])
     start, end = ratios[0], sum(ratios[-50:]) / 50
     assert start > 0.4  # ReLU gates of zero-mean logits: about half active at init
@@ -229,7 +231,7 @@ def _train_ratio(cfg: RankMixerConfig, steps: int, lr: float = 1e-2) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        ratios.append(model.moe_stats()["active_ratio"])
+        ratios.append(model.stats()["moe/active_ratio"])
     return sum(ratios[-50:]) / 50
 
 
@@ -299,7 +301,15 @@ def test_train_forward_is_fx_symbolically_traceable(router: str) -> None:
     traced = torch.fx.symbolic_trace(_GroupsAsArgs(model))
     groups = tiny_groups()
     torch.testing.assert_close(traced(*groups), model(groups))
-    assert torch.fx.symbolic_trace(model.blocks[0].ffn) is not None  # the FFN alone as well
+    # the FFN alone as well: its graph computes what its eager forward computes from the same state
+    ffn = RankMixer(tiny_cfg(moe_router=router)).train().blocks[0].ffn  # fresh: no forward run yet
+    state = copy.deepcopy(ffn.state_dict())
+    traced_ffn = torch.fx.symbolic_trace(ffn)  # shares ffn's tensors
+    ffn.load_state_dict(state)  # tracing ran the controllers' in-place updates once, eagerly: undo them
+    x = torch.randn(ffn.num_tokens, B, ffn.dim)
+    out = traced_ffn(x)
+    ffn.load_state_dict(state)
+    torch.testing.assert_close(out, ffn(x))
 
 
 def test_rankmixer_aux_loss_and_stats() -> None:
@@ -307,11 +317,16 @@ def test_rankmixer_aux_loss_and_stats() -> None:
     model(tiny_groups())
     aux = model.aux_loss()
     torch.testing.assert_close(aux, sum(f.aux_loss() for f in model.moe_ffns()))
-    stats = model.moe_stats()
+    stats = model.stats()
     keys = {"block0/lambda", "block1/active_ratio", "block0/expert_freq_min", "block0/train_gate_mean"}
-    assert keys | {"active_ratio"} <= set(stats)
-    assert RankMixer(tiny_cfg(ffn="per_token")).aux_loss() is None
-    assert RankMixer(tiny_cfg(ffn="per_token")).moe_stats() == {}
+    assert {f"moe/{k}" for k in keys} | {"moe/active_ratio"} <= set(stats)
+    assert stats["moe/active_ratio"] == pytest.approx(
+        (stats["moe/block0/active_ratio"] + stats["moe/block1/active_ratio"]) / 2
+    )
+    assert "block0/lambda" in model.stats_summary(stats)
+    dense = RankMixer(tiny_cfg(ffn="per_token"))
+    assert dense.aux_loss() is None and dense.stats() == {} and dense.stats_summary({}) == ""
+    assert dense.eval_stats() == {} and dense.inference_modes() == () and dense.lr_scales() == {}
     with pytest.raises(ValueError, match="smoe"):
         tiny_cfg(token_mixing="all_concat_mlp")
 
@@ -321,8 +336,7 @@ def test_counts_match_real_params_and_a_flop_counter(router: str) -> None:
     cfg = tiny_cfg(moe_router=router, head_hidden=[8])
     model = RankMixer(cfg).eval()
     assert model.num_params() == sum(expected_num_params(cfg).values())
-    for ffn in model.moe_ffns():
-        ffn.sparse_inference = False
+    model.use_inference_mode("dense")  # every expert computed: the dense-activated count
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(tiny_groups())
@@ -336,7 +350,7 @@ def test_counts_match_real_params_and_a_flop_counter(router: str) -> None:
 
 
 def _preset_cfg(name: str, group_dims: list[int]) -> RankMixerConfig:
-    return RankMixerConfig(group_dims=group_dims, num_tasks=2, **load_preset(name))  # checks arch
+    return load_preset(name, group_dims, num_tasks=2)  # checks arch
 
 
 def _eq12_experts(cfg: RankMixerConfig) -> float:

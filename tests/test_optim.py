@@ -1,4 +1,5 @@
-"""Dense optimizer wiring: router parameters step at their own lr through warmup, clipping stays global."""
+"""Dense optimizer wiring: parameter groups the model names (`lr_scales()`: Sparse-MoE routers, the LONGER
+module) step at their own lr through warmup, clipping stays global, and resume is exact."""
 
 import copy
 
@@ -6,9 +7,17 @@ import pytest
 import torch
 from torchrec.optim.keyed import CombinedOptimizer
 
-from models.moe import SparseMoEFFN
+from data.schema import Schema
+from models.config import model_config_from_dict
+from models.moe import SparseMoEFFN, router_lr_scales
+from models.ranking import RankingModel
 from pipeline.config import DenseOptimConfig
+from pipeline.job import lr_scales_by_param
 from pipeline.optim import build_dense_optimizer
+
+
+def router_scales(moe: SparseMoEFFN, scale: float) -> dict[int, float]:
+    return {id(moe.get_parameter(n)): s for n, s in router_lr_scales(moe, scale).items()}
 
 
 def _lrs(opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, float]:
@@ -27,8 +36,8 @@ def _step(opt: torch.optim.Optimizer, model: SparseMoEFFN, seed: int = 0) -> Non
 def test_router_parameters_get_the_scaled_lr_after_warmup_and_the_rest_the_full_lr():
     torch.manual_seed(0)
     moe = SparseMoEFFN(num_tokens=2, dim=8, num_experts=4, expert_hidden=16)
-    cfg = DenseOptimConfig(lr=0.01, warmup_steps=4, router_lr_scale=0.1)
-    opt = build_dense_optimizer(dict(moe.named_parameters()), cfg)
+    cfg = DenseOptimConfig(lr=0.01, warmup_steps=4)
+    opt = build_dense_optimizer(dict(moe.named_parameters()), cfg, router_scales(moe, 0.1))
     for _ in range(6):
         _step(opt, moe)
     lrs = _lrs(opt, moe)
@@ -40,25 +49,31 @@ def test_router_parameters_get_the_scaled_lr_after_warmup_and_the_rest_the_full_
 
 def test_router_lr_scale_one_keeps_a_single_group_and_warmup_ramps_it():
     moe = SparseMoEFFN(num_tokens=2, dim=8, num_experts=4, expert_hidden=16)
-    cfg = DenseOptimConfig(lr=0.01, warmup_steps=10, router_lr_scale=1.0)
-    opt = build_dense_optimizer(dict(moe.named_parameters()), cfg)
+    cfg = DenseOptimConfig(lr=0.01, warmup_steps=10)
+    opt = build_dense_optimizer(dict(moe.named_parameters()), cfg, router_scales(moe, 1.0))
     _step(opt, moe)
     assert _lrs(opt, moe) == {n: pytest.approx(0.0019) for n, _ in moe.named_parameters()}  # 0.1 + 0.9/10
 
 
-def test_sequence_arch_parameters_get_the_sequence_lr_scale_and_routers_keep_theirs():
-    from models.longer import Longer, LongerConfig
-
-    class Model(torch.nn.Module):  # RankingModel's naming: model.sequence_arch.*, routers in the dense arch
-        def __init__(self) -> None:
-            super().__init__()
-            self.sequence_arch = Longer(LongerConfig(item_dim=4, candidate_dim=4, dim=8, max_len=8))
-            self.dense_arch = SparseMoEFFN(num_tokens=2, dim=8, num_experts=4, expert_hidden=16)
-
-    model = torch.nn.ModuleDict({"model": Model()})  # a wrapper prefix, as DMP adds one
-    cfg = DenseOptimConfig(lr=0.01, warmup_steps=0, router_lr_scale=0.1, sequence_lr_scale=0.5)
-    opt = build_dense_optimizer(dict(model.named_parameters()), cfg)
-    lrs = _lrs(opt, model)
+def test_the_model_names_its_scaled_groups_longer_and_routers_and_the_optimizer_applies_them(
+    two_table_schema: Schema,
+):
+    dense = {"num_tokens": 2, "dim": 8, "ffn": "smoe", "moe_num_experts": 4, "moe_router_lr_scale": 0.1}
+    longer = {"dim": 8, "max_len": 8, "candidate_groups": ["item"], "lr_scale": 0.5}
+    cfg = model_config_from_dict({"dense": dense, "sequence": "longer", "longer": longer})
+    model = RankingModel(two_table_schema, cfg, device=torch.device("meta"))
+    scales = model.lr_scales()
+    routers = {n for n in scales if n.startswith("dense_arch.")}
+    assert routers == {f"dense_arch.blocks.{i}.ffn.{p}" for i in (0, 1) for p in ("router_w", "router_b",
+                       "train_router_w", "train_router_b")}  # fmt: skip
+    assert {n for n in scales if n.startswith("sequence_arch.")} == {
+        f"sequence_arch.{n}" for n, _ in model.sequence_arch.named_parameters()
+    }
+    wrapped = torch.nn.ModuleDict({"model": torch.nn.ModuleDict({"dense_arch": model.dense_arch,
+                                   "sequence_arch": model.sequence_arch})})  # fmt: skip  # a DMP-like prefix
+    opt = build_dense_optimizer(dict(wrapped.named_parameters()), DenseOptimConfig(lr=0.01, warmup_steps=0),
+                                lr_scales_by_param(model))  # fmt: skip
+    lrs = _lrs(opt, wrapped)
     for name, lr in lrs.items():
         expect = 0.005 if ".sequence_arch." in name else 0.001 if "router_" in name else 0.01
         assert lr == pytest.approx(expect), name
@@ -68,10 +83,11 @@ def test_sequence_arch_parameters_get_the_sequence_lr_scale_and_routers_keep_the
 def test_resumed_optimizer_continues_exactly_like_the_uninterrupted_one():
     # Through a CombinedOptimizer, as the pipeline saves it: a wrapper that snapshots a combined
     # optimizer's (lazily built) state would save nothing, and resume would silently restart RMSProp.
-    cfg = DenseOptimConfig(lr=0.01, warmup_steps=4, router_lr_scale=0.1)
+    cfg = DenseOptimConfig(lr=0.01, warmup_steps=4)
 
     def build(moe: SparseMoEFFN) -> CombinedOptimizer:
-        return CombinedOptimizer([("dense", build_dense_optimizer(dict(moe.named_parameters()), cfg))])
+        dense = build_dense_optimizer(dict(moe.named_parameters()), cfg, router_scales(moe, 0.1))
+        return CombinedOptimizer([("dense", dense)])
 
     torch.manual_seed(0)
     moe = SparseMoEFFN(num_tokens=2, dim=8, num_experts=4, expert_hidden=16)

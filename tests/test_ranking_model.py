@@ -6,14 +6,12 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from data.schema import Schema
-from models.ranking import FeatureGroups
-from tests.test_sharding import SCHEMA
+from models.feature_groups import FeatureGroups
 
 
-def test_feature_groups_pick_embeddings_by_key_not_by_position():
+def test_feature_groups_pick_embeddings_by_key_not_by_position(two_table_schema: Schema):
     # A sharded EmbeddingBagCollection emits its keys in a plan-dependent order; the groups must not move.
-    schema = Schema.from_dict(SCHEMA)
-    groups = FeatureGroups(schema, dense_proj_dim=4)
+    groups = FeatureGroups(two_table_schema, dense_proj_dim=4)
     dims = {"user_id": 8, "item_id": 8, "tags": 4, "seq_item": 8}
     per_key = {k: torch.randn(3, d) for k, d in dims.items()}
     dense = torch.randn(3, 2)

@@ -13,6 +13,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from data.reader import DataError, ParquetReader
 from data.schema import Schema, SchemaError
+from models.config import ModelConfig, model_config_from_dict
 from models.ranking import RankingModel, RankingTrainWrapper, pool_jagged
 from models.sparse_arch import embedding_configs, input_keys
 
@@ -39,6 +40,12 @@ SCHEMA = Schema.from_dict(
 )
 LONGER = {"dim": 8, "num_heads": 2, "num_layers": 2, "merge": 2, "recent_queries": 2,
           "candidate_groups": ["item"], "user_groups": ["user"]}  # fmt: skip
+
+
+def model_cfg(sequence: str) -> ModelConfig:
+    return model_config_from_dict(
+        {"arch": "rankmixer", "dense": {"num_tokens": 2, "dim": 8}, "sequence": sequence, "longer": LONGER}
+    )
 
 
 def write(tmp_path: Path, s_act: list | None = None) -> Path:
@@ -107,8 +114,7 @@ def test_jagged_pooling_matches_a_per_row_reference():
 @pytest.mark.parametrize("mode", ["none", "mean_pool", "longer"])
 def test_ranking_model_trains_in_every_sequence_mode(tmp_path: Path, mode: str):
     torch.manual_seed(0)
-    cfg = {"arch": "rankmixer", "num_tokens": 2, "dim": 8, "sequence": mode, "longer": LONGER}
-    model = RankingModel(SCHEMA, cfg)
+    model = RankingModel(SCHEMA, model_cfg(mode))
     groups = dict(zip(model.feature_groups.groups, model.feature_groups.group_dims))
     # none: the sequence group keeps nothing (no dense feature) and is dropped; longer: G = 1 + 1 + 2 CLS
     expected = {"none": None, "mean_pool": 16, "longer": 4 * 8}[mode]
@@ -127,8 +133,7 @@ def test_ranking_model_trains_in_every_sequence_mode(tmp_path: Path, mode: str):
 
 def test_ranking_model_kv_cache_scores_equal_full_forward_for_many_candidates(tmp_path: Path):
     torch.manual_seed(0)
-    cfg = {"arch": "rankmixer", "num_tokens": 2, "dim": 8, "sequence": "longer", "longer": LONGER}
-    model = RankingModel(SCHEMA, cfg).eval()
+    model = RankingModel(SCHEMA, model_cfg("longer")).eval()
     users = {"uid": [5, 6, 7, 8], "u": [1, 2, 3, 4], "d": [0.5, 1.5, 2.5, 3.5],
              "s_item": [[1, 2, 3], [4], [], [5, 6, 7, 8, 9, 10]],
              "s_act": [[0, 1, 2], [3], [], [0, 1, 2, 3, 0, 1]]}  # fmt: skip
@@ -171,4 +176,4 @@ def test_ranking_model_kv_cache_scores_equal_full_forward_for_many_candidates(tm
     with torch.no_grad():  # and the cache is what carries the sequence: without it the scores differ
         assert (model(lean.dense, lean.sparse, lean.sequence) - expect).abs().amax() > 1e-4
     with pytest.raises(ValueError, match="model.sequence=longer"):
-        RankingModel(SCHEMA, {**cfg, "sequence": "mean_pool"}).encode_users(lean.sequence)
+        RankingModel(SCHEMA, model_cfg("mean_pool")).encode_users(lean.sequence)

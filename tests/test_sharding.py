@@ -17,53 +17,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import RecBatch
 from data.schema import Schema
+from models.config import model_config_from_dict
 from models.ranking import RankingModel, RankingTrainWrapper
 from pipeline.config import ShardingConfig, SparseOptimConfig
 
-SCHEMA = {
-    "name": "t",
-    "labels": ["finish", "skip"],
-    "user_id": "uid",
-    "groups": ["user", "item", "sequence"],
-    "dense": [
-        {"name": "d0", "column": "d0", "group": "user"},
-        {"name": "d1", "column": "d1", "group": "item"},
-    ],
-    "sparse": [
-        {"name": "user_id", "column": "uid", "num_embeddings": 60, "embedding_dim": 8, "group": "user"},
-        {
-            "name": "item_id",
-            "column": "iid",
-            "num_embeddings": 80,
-            "embedding_dim": 8,
-            "group": "item",
-            "table": "item",
-        },
-        {
-            "name": "tags",
-            "column": "tags",
-            "num_embeddings": 30,
-            "embedding_dim": 4,
-            "group": "item",
-            "multi_hot": True,
-            "pooling": "mean",
-        },
-    ],
-    "sequence": {
-        "group": "sequence",
-        "max_len": 8,
-        "features": [
-            {
-                "name": "seq_item",
-                "column": "seq_item",
-                "num_embeddings": 80,
-                "embedding_dim": 8,
-                "table": "item",
-            }
-        ],
-    },
-}
-MODEL = {"arch": "rankmixer", "num_tokens": 4, "dim": 16, "num_layers": 2, "ffn_mult": 2}
+MODEL = model_config_from_dict(
+    {"arch": "rankmixer", "dense": {"num_tokens": 4, "dim": 16, "num_layers": 2, "ffn_mult": 2}}
+)
 CAPS = {"user_id": 60, "item_id": 80, "tags": 30, "seq_item": 80}
 B = 16  # rows per rank
 LR = 0.05
@@ -111,7 +71,7 @@ def dense_grads(model: torch.nn.Module) -> dict[str, list]:
     }
 
 
-def _rank(rank: int, world: int, store: str, out: str) -> None:
+def _rank(rank: int, world: int, store: str, out: str, schema_dict: dict) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world)
     )
@@ -121,7 +81,7 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
     from pipeline.sharding import shard_model, table_names
 
     info = init_distributed()
-    schema = Schema.from_dict(SCHEMA)
+    schema = Schema.from_dict(schema_dict)
     torch.manual_seed(0)  # dense init identical to the reference's
     model = RankingModel(schema, MODEL, device=torch.device("meta"))
     wrapper = RankingTrainWrapper(model)
@@ -161,11 +121,10 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+def sharded(tmp_path_factory: pytest.TempPathFactory, two_table_schema: Schema) -> list[dict]:
     out = tmp_path_factory.mktemp("sharded")
-    mp.start_processes(
-        _rank, args=(2, str(out / "store"), str(out)), nprocs=2, join=True, start_method="spawn"
-    )
+    args = (2, str(out / "store"), str(out), two_table_schema.to_dict())
+    mp.start_processes(_rank, args=args, nprocs=2, join=True, start_method="spawn")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -179,9 +138,11 @@ def test_table_wise_plan_puts_every_table_on_exactly_one_rank(sharded: list[dict
     assert {r[0] for r in owners.values()} == {0, 1}  # the planner used both ranks
 
 
-def test_sharded_model_matches_unsharded_model_on_the_same_batch(sharded: list[dict]):
+def test_sharded_model_matches_unsharded_model_on_the_same_batch(
+    sharded: list[dict], two_table_schema: Schema
+):
     torch.manual_seed(0)
-    schema = Schema.from_dict(SCHEMA)
+    schema = two_table_schema
     # Tables on meta first, as in the sharded job, so the dense init draws the same random numbers.
     model = RankingTrainWrapper(RankingModel(schema, MODEL, device=torch.device("meta")))
     model.model.sparse_arch.to_empty(device="cpu")

@@ -171,7 +171,7 @@ def test_unknown_model_field_names_the_field(dataset: Path, tmp_path: Path):
             "launch/train.py",
             f"data.root={dataset}",
             f"trainer.run_dir={tmp_path / 'r'}",
-            "+model.num_tokenz=4",
+            "+model.dense.num_tokenz=4",
         ],
         timeout=120,
     )
@@ -190,10 +190,10 @@ def test_missing_dataset_split_names_the_directory(tmp_path: Path):
 
 
 SMOE = [
-    "model.ffn=smoe",
-    "model.moe_num_experts=4",
-    "model.moe_active_ratio=0.5",
-    "model.moe_router=relu_dtsi",
+    "model.dense.ffn=smoe",
+    "model.dense.moe_num_experts=4",
+    "model.dense.moe_active_ratio=0.5",
+    "model.dense.moe_router=relu_dtsi",
 ]
 
 
@@ -238,7 +238,8 @@ def test_sparse_moe_run_logs_routing_resumes_exactly_and_evaluates_sparse_and_de
 
 def test_model_override_of_a_preset_field_is_type_checked(dataset: Path):
     proc = run(
-        [sys.executable, "launch/train.py", f"data.root={dataset}", "model.moe_num_experts=many"], timeout=120
+        [sys.executable, "launch/train.py", f"data.root={dataset}", "model.dense.moe_num_experts=many"],
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "moe_num_experts" in proc.stderr

@@ -1,0 +1,50 @@
+"""Hydra's ConfigStore filled by a function, called by each entry point (never on import).
+
+Nodes: `train_schema` (pipeline.config.TrainConfig), `eval_schema` (EvalConfig), and per dense arch
+`model/<arch>_base`: the typed `ModelConfig` whose `dense` is that arch's config dataclass, which every
+preset in conf/model/ extends through its defaults list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+
+from models.config import DENSE_ARCHS, ModelConfig, model_config_class
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def register_model_configs() -> None:
+    """`model/<arch>_base` for every arch. Imports no TorchRec (models/config.py)."""
+    store = ConfigStore.instance()
+    for arch in DENSE_ARCHS:
+        store.store(group="model", name=f"{arch}_base", node=model_config_class(arch))
+
+
+def register_configs() -> None:
+    """Every node the train and eval configs (conf/train.yaml, conf/eval.yaml) compose from."""
+    from pipeline.config import EvalConfig, TrainConfig
+
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="eval_schema", node=EvalConfig)
+    register_model_configs()
+
+
+def compose_model(preset: str, overrides: Sequence[str] = ()) -> ModelConfig:
+    """The typed ModelConfig of `model=<preset>` (conf/model/<preset>.yaml) with `model.*`-relative
+    overrides (e.g. `dense.dim=128`), composed by Hydra as a train job would. For tools that need the
+    model alone (launch/bench.py); imports no TorchRec."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pipeline.config import reject_unknown_keys
+
+    register_model_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(overrides=[f"+model={preset}", *(f"model.{o}" for o in overrides)]).model
+    reject_unknown_keys(cfg, "model")
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

@@ -1,0 +1,113 @@
+"""Building a job from its config: readers, the sharded model and its optimizer, the run dir. Shared by
+training (`pipeline/train_loop.py`) and the eval job (`pipeline/eval_job.py`).
+
+The model is built on the meta device (embedding tables) and the CPU/GPU (everything dense), the tables
+are marked for fused Adagrad, then `DistributedModelParallel` shards the tables and wraps the rest in DDP
+(pipeline/sharding.py); the dense optimizer is built last, over the parameters DMP leaves to it.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.keyed import CombinedOptimizer
+
+from data.reader import ParquetReader
+from data.schema import Schema
+from models.dense_arch import DenseArch
+from models.ranking import RankingModel, RankingTrainWrapper
+from models.sparse_arch import input_keys
+from pipeline.config import TrainConfig
+from pipeline.dist import DistInfo, broadcast_object
+from pipeline.optim import build_optimizer, fuse_sparse_optimizer, set_initial_accumulator
+from pipeline.sharding import shard_model, table_names
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+    if mode not in dtypes:
+        raise ValueError(f"trainer.autocast: {mode!r} is not one of auto, bf16, fp16, off")
+    return dtypes[mode]
+
+
+def split_dir(root: str, split: str) -> Path:
+    path = Path(root) / split
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"data: split directory {path} does not exist (data.root={root!r}, "
+            f"split={split!r}); build the dataset first, e.g. `make data`"
+        )
+    return path
+
+
+def make_reader(cfg: TrainConfig, schema: Schema, info: DistInfo, split: str, train: bool) -> ParquetReader:
+    d = cfg.data
+    return ParquetReader(
+        split_dir(d.root, split),
+        schema,
+        batch_size=d.batch_size if train else d.eval_batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        shuffle=train,
+        shuffle_buffer=d.shuffle_buffer,
+        seed=cfg.trainer.seed,
+        policy="drop_last" if train else "pad",
+        prefetch=d.prefetch,
+        split_keys=input_keys(schema, cfg.model.sequence),  # bag / embedding collection KJTs
+    )
+
+
+def resolve_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
+    """Rank 0 names the run dir and every rank uses that name (ranks start at slightly different times)."""
+    name = cfg.trainer.run_dir or f"outputs/train/{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(broadcast_object(name))
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    return run_dir
+
+
+def build_model(
+    cfg: TrainConfig, schema: Schema, info: DistInfo
+) -> tuple[DistributedModelParallel, CombinedOptimizer]:
+    """RankingModel (tables on meta, materialised by sharding) -> fused sparse optim -> DMP -> optimizer."""
+    model = RankingModel(
+        schema, cfg.model, dense_proj_dim=cfg.trainer.dense_proj_dim, device=torch.device("meta")
+    )
+    model.feature_groups.to(info.device)
+    model.dense_arch.to(info.device)
+    wrapper = RankingTrainWrapper(model, autocast_dtype(cfg.trainer.autocast, info.device), info.device.type)
+    fuse_sparse_optimizer(model.sparse_arch, cfg.optim.sparse)
+    dmp, _ = shard_model(wrapper, table_names(schema), cfg.sharding, info, cfg.data.batch_size)
+    optimizer = build_optimizer(dmp, cfg.optim.dense, lr_scales_by_param(model))
+    set_initial_accumulator(dmp, cfg.optim.sparse.initial_accumulator_value)
+    return dmp, optimizer
+
+
+def lr_scales_by_param(model: RankingModel | DenseArch) -> dict[int, float]:
+    """The model's dense-lr multipliers (`lr_scales()`) keyed by parameter identity: DMP and DDP prefix
+    the names, not the parameters."""
+    return {id(model.get_parameter(name)): scale for name, scale in model.lr_scales().items()}
+
+
+def ranking_model(dmp: DistributedModelParallel) -> RankingModel:
+    """The RankingModel inside DMP(RankingTrainWrapper(...)), as `build_model` wraps it."""
+    return dmp.module.model
+
+
+def dense_arch(dmp: DistributedModelParallel) -> DenseArch:
+    return ranking_model(dmp).dense_arch

@@ -1,0 +1,42 @@
+"""`StepProfiler`: torch.profiler over a window of training steps on one rank."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class StepProfiler:
+    """torch.profiler over the steps [start, end) on one rank: a chrome trace and a top-ops table, to see
+    where a training step's time goes (input dist, embedding lookups, dense compute, DDP, optimizer)."""
+
+    def __init__(self, steps: list[int], out_dir: Path, enabled: bool) -> None:
+        if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
+            raise ValueError(f"trainer.profile_steps: expected [start, end), 0 <= start < end; got {steps}")
+        self.window = steps if enabled else []
+        self.out_dir = out_dir
+        self.prof: torch.profiler.profile | None = None
+
+    def before_step(self, step: int) -> None:
+        if self.window and step == self.window[0]:
+            self.prof = torch.profiler.profile(record_shapes=False)
+            self.prof.__enter__()
+
+    def after_step(self, step: int) -> None:
+        if self.prof is not None and step + 1 == self.window[1]:
+            self.prof.__exit__(None, None, None)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.prof.export_chrome_trace(str(self.out_dir / "trace.json"))
+            table = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+            (self.out_dir / "top_ops.txt").write_text(table)
+            log.info(
+                "profile of steps %s written to %s; top ops by self CPU time:\n%s",
+                self.window,
+                self.out_dir,
+                table,
+            )
+            self.prof = None

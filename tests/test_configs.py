@@ -1,0 +1,80 @@
+"""Every config in every group composes through Hydra into the typed objects the job runs on, and a run's
+saved config.yaml reads back into the same typed config (lightning-hydra-template's "instantiate every
+config" test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from launch.configs import CONF_DIR, register_configs
+from models.config import DENSE_ARCHS, ModelConfig, arch_config_class, model_config_from_dict
+from pipeline.config import EvalConfig, TrainConfig, load_train_config, reject_unknown_keys
+
+MODEL_PRESETS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+DATA_CONFIGS = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+
+
+def compose_train(*overrides: str) -> TrainConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    reject_unknown_keys(cfg)
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
+def test_every_model_preset_composes_to_its_arch_typed_config(preset: str):
+    cfg = compose_train(f"model={preset}")
+    assert isinstance(cfg, TrainConfig) and isinstance(cfg.model, ModelConfig)
+    assert isinstance(cfg.model.dense, arch_config_class(cfg.model.arch))
+    assert cfg.model.arch in DENSE_ARCHS
+
+
+@pytest.mark.parametrize("data", DATA_CONFIGS)
+def test_every_data_config_composes_with_a_schema(data: str):
+    cfg = compose_train(f"data={data}")
+    assert cfg.data.schema["labels"] and cfg.data.root
+
+
+def test_eval_config_composes():
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="eval", overrides=["checkpoint=some/run"])
+    assert isinstance(OmegaConf.to_object(cfg), EvalConfig)
+
+
+def test_overrides_are_type_checked_and_unknown_keys_are_named():
+    cfg = compose_train("model=rankmixer_small_smoe", "model.dense.dim=128", "model.sequence=none")
+    assert (cfg.model.dense.dim, cfg.model.dense.ffn, cfg.model.sequence) == (128, "smoe", "none")
+    with pytest.raises(Exception, match="dmi"):
+        compose_train("model.dense.dmi=3")
+    with pytest.raises(ValueError, match=r"model\.dense: unknown key\(s\) \['dmi'\]"):
+        compose_train("+model.dense.dmi=3")  # `+` appends to a typed node: caught by reject_unknown_keys
+    with pytest.raises(Exception, match="many"):
+        compose_train("model.dense.moe_num_experts=many")
+    with pytest.raises(ValueError, match="model.sequence"):
+        compose_train("model.sequence=pooled")
+
+
+def test_saved_config_yaml_reads_back_typed_and_equal(tmp_path: Path):
+    cfg = compose_train("model=dlrm", "model.dense.mlp_width=96", "optim.dense.lr=0.003")
+    path = tmp_path / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # as the train job writes it
+    loaded = load_train_config(path)
+    assert loaded == cfg and type(loaded.model) is type(cfg.model)
+    path.write_text(path.read_text().replace("mlp_width: 96", "mlp_widht: 96"))
+    with pytest.raises(ValueError, match="mlp_widht"):
+        load_train_config(path)
+
+
+def test_model_config_from_a_mapping_names_unknown_keys():
+    cfg = model_config_from_dict({"arch": "dcnv2", "dense": {"deep_width": 32}})
+    assert cfg.dense.deep_width == 32 and cfg.sequence == "mean_pool"
+    with pytest.raises(ValueError, match=r"model\.dense: unknown key\(s\) \['width'\]"):
+        model_config_from_dict({"arch": "dcnv2", "dense": {"width": 32}})
+    with pytest.raises(ValueError, match="model.arch: unknown arch 'dlrn'"):
+        model_config_from_dict({"arch": "dlrn"})
