@@ -9,7 +9,13 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c requirements/
 # The CUDA stack only when an NVIDIA GPU is really there; otherwise the CPU stack.
 STACK := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP := $(VENV)/.stamp-$(STACK)
-DATA_ROOT := datasets/synthetic
+# DATA=synthetic (default): the generated dataset. DATA=ml100k: MovieLens-100K, converted (data/ml100k.py)
+# from the recbole==1.2.1 wheel, which is pip-downloaded into $(WHEEL_DIR) (no data is vendored here).
+DATA ?= synthetic
+DATA_ROOT := datasets/$(DATA)
+WHEEL_DIR := datasets/.cache
+ML100K_WHEEL := $(WHEEL_DIR)/recbole-1.2.1-py3-none-any.whl
+ML100K_PIP := $(PY) -m pip download --disable-pip-version-check --no-deps recbole==1.2.1 -d $(WHEEL_DIR)
 NPROC ?= 2
 ARGS ?=
 
@@ -28,13 +34,19 @@ $(STAMP): requirements/common.txt requirements/$(STACK).txt requirements/torchre
 	$(PY) -c "import torch, torchrec, fbgemm_gpu, torchmetrics, tensordict, hydra, pyarrow; print('torch', torch.__version__, 'torchrec', torchrec.__version__)"
 	rm -f $(VENV)/.stamp-* && touch $@
 
-$(DATA_ROOT)/dataset.json: | $(STAMP)
-	$(PY) -m data.generate --config conf/data/synthetic.yaml --root $(DATA_ROOT)
+datasets/synthetic/dataset.json: | $(STAMP)
+	$(PY) -m data.generate --config conf/data/synthetic.yaml --root datasets/synthetic
+
+datasets/ml100k/dataset.json: | $(STAMP)
+	test -f $(ML100K_WHEEL) || $(ML100K_PIP) --quiet || { echo "make data: pip could not download \
+	recbole==1.2.1 (the MovieLens-100K source); retry: $(ML100K_PIP)" >&2; exit 1; }
+	$(PY) -m data.ml100k --root datasets/ml100k --wheel-dir $(WHEEL_DIR)
 
 data: venv $(DATA_ROOT)/dataset.json
 
+# DATA other than synthetic also selects conf/data/$(DATA).yaml (`data=$(DATA)`)
 train: venv data
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launch/train.py $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launch/train.py $(if $(filter-out synthetic,$(DATA)),data=$(DATA) )$(ARGS)
 
 test: venv
 	@# pytest exits 5 when it collected no test: for this project that means the suite went missing.
