@@ -13,8 +13,13 @@ measured training throughput of the pipeline and of the dense arch alone (sample
 Why a runner of our own instead of Hydra multirun: each cell is a torchrun job (2 processes), and a sweep
 also has to solve budgets, skip finished runs and aggregate seeds into tables and plots.
 
+A config with a `search:` section is a hyper-parameter search instead (launch/search.py): per arch an
+Optuna study picks settings on the validation split, then those settings are trained over the seeds and
+tested once.
+
 Layout: this file is the CLI, the budget solving and the runner; sweep_config.py the typed sweep
-configs, sweep_report.py the aggregation, table and plots, timing.py the dense-arch speed measurement.
+configs, sweep_report.py the aggregation, table and plots, timing.py the dense-arch speed measurement,
+search.py the search mode.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ import dataclasses
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,21 +105,36 @@ def solve_budget(overrides: list[str], budget: float) -> tuple[str, int, int]:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if params(mid) < budget else (lo, mid)
     best = min((lo, hi), key=lambda u: abs(params(u) - budget))
+    if best * step < MIN_WIDTH:
+        # e.g. DCNv2 at 100k: its cross net alone is ~83k params, so the solver shrank the deep MLP to one
+        # ReLU unit, which dies in the first steps and collapses the model to a constant prediction
+        raise SystemExit(
+            f"error: {budget:g} dense params leave model.{name}={best * step} (< {MIN_WIDTH}): at width "
+            f"{step} the arch already has {params(1):,} params; use a larger budget"
+        )
     return name, best * step, params(best)
+
+
+MIN_WIDTH = 16  # a solved width below this is a degenerate model, not a smaller one
 
 
 # ---- running --------------------------------------------------------------------------------------
 
 
-def run_cell(cell_overrides: list[str], run_dir: Path, seed: int, nproc: int) -> dict | None:
+def run_cell(
+    cell_overrides: list[str],
+    run_dir: Path,
+    seed: int,
+    nproc: int,
+    monitor: Callable[[], None] | None = None,
+) -> dict | None:
     """One torchrun training job (+ final test evaluation); its metrics.json, or None if it failed.
-    A run with a metrics.json already is not rerun."""
+    A run with a metrics.json already is not rerun. `monitor` (the search's pruning) is called about
+    every POLL_S seconds while the job runs; an exception it raises stops the job and propagates."""
     metrics = run_dir / "metrics.json"
     if metrics.is_file():
         return json.loads(metrics.read_text())
     if run_dir.exists():  # an interrupted run: start over (its checkpoints belong to a partial run)
-        import shutil
-
         shutil.rmtree(run_dir)
     log = run_dir.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -124,15 +147,60 @@ def run_cell(cell_overrides: list[str], run_dir: Path, seed: int, nproc: int) ->
         f"trainer.run_dir={run_dir}",
     ]
     t0 = time.time()
-    with open(log, "w") as out:
-        out.write(" ".join(cmd) + "\n")
-        out.flush()
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-    if proc.returncode != 0 or not metrics.is_file():
-        print(f"  FAILED (exit {proc.returncode}); log: {log}", flush=True)
+    returncode = run_process(cmd, log, monitor)
+    if returncode != 0 or not metrics.is_file():
+        print(f"  FAILED (exit {returncode}); log: {log}", flush=True)
         return None
     print(f"  done in {time.time() - t0:.0f} s", flush=True)
     return json.loads(metrics.read_text())
+
+
+POLL_S = 2.0  # how often a running job's monitor looks at its metrics.jsonl
+
+
+def run_process(
+    cmd: list[str], log: Path, monitor: Callable[[], None] | None = None, poll_s: float = POLL_S
+) -> int:
+    """Run `cmd` from the repo root, output to `log`; its exit status. The job gets a process group of its
+    own (torchrun and its workers), so that a pruned trial or a Ctrl-C here ends all of it, not just
+    torchrun: any exception while waiting (the monitor's, KeyboardInterrupt) kills the group, then
+    propagates."""
+    with open(log, "w") as out:
+        out.write(" ".join(cmd) + "\n")
+        out.flush()
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+            start_new_session=True,
+        )
+        try:
+            while True:
+                try:
+                    return proc.wait(timeout=poll_s)
+                except subprocess.TimeoutExpired:
+                    if monitor is not None:
+                        monitor()
+        except BaseException:
+            kill_group(proc)
+            raise
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the job's process group (torchrun forwards it to its workers), SIGKILL whatever is left of
+    the group after `grace_s`, and reap torchrun."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the whole group is gone already
+            break
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            pass
+    proc.wait()
 
 
 def measure_dense_speed(cfg: Any, batch_size: int = 512) -> dict:
@@ -162,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="report dir (default reports/<name>[-quick])")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per run")
     parser.add_argument(
-        "--dry-run", action="store_true", help="print the cells (budgets solved), run nothing"
+        "--dry-run",
+        action="store_true",
+        help="print the cells (budgets solved) or search spaces, run nothing",
     )
     args = parser.parse_args(argv)
     if not args.config.is_file():
@@ -170,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg, cells = load_sweep(args.config, args.quick)
     out = args.out or REPO_ROOT / "reports" / (cfg.name + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.search is not None:  # a hyper-parameter search, not a grid
+        from launch.search import run_search
+
+        return run_search(cfg, out, args.nproc, args.quick, dry_run=args.dry_run)
 
     planned = []
     for cell in cells:

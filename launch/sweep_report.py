@@ -146,3 +146,119 @@ def write_report(cfg: SweepConfig, cells: list[dict], out: Path, seeds: list[int
         "",
     ]
     (out / "README.md").write_text("\n".join(text))
+
+
+# ---- search mode (launch/search.py) ------------------------------------------------------------------
+
+
+def _task_metrics(archs: list[dict]) -> list[str]:
+    """The per-task test AUC / UAUC keys of the final runs, in the trainer's order."""
+    keys: list[str] = []
+    for a in archs:
+        for run in filter(None, a["runs"]):
+            keys += [k for k in run.get("test", {}) if k.endswith(("/auc", "/uauc")) and k not in keys]
+    return keys
+
+
+def aggregate_search(archs: list[dict]) -> list[dict]:
+    """Each arch's test metrics, mean and sample sd over the final runs' seeds."""
+    for a in archs:
+        runs = [r for r in a["runs"] if r is not None]
+        a["seeds_ok"] = len(runs)
+        a["stats"] = {}
+        for metric in _task_metrics([a]):
+            a["stats"][metric] = _mean_spread([r["test"][metric] for r in runs if metric in r["test"]])
+    return archs
+
+
+def _best_so_far(a: dict, maximize: bool) -> tuple[list[int], list[float]]:
+    xs, ys, best = [], [], None
+    for t in a["trials"]:
+        if t["state"] == "COMPLETE" and t["value"] is not None:
+            better = best is None or (t["value"] > best if maximize else t["value"] < best)
+            best = t["value"] if better else best
+            xs.append(t["number"])
+            ys.append(best)
+    return xs, ys
+
+
+def plot_best_so_far(cfg: SweepConfig, archs: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    search = cfg.search
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for a in archs:
+        xs, ys = _best_so_far(a, search.direction == "maximize")
+        if xs:
+            ax.step(xs, ys, where="post", marker="o", label=a["arch"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial number")
+    ax.set_ylabel(f"best valid {search.metric} so far")
+    ax.set_title(f"{cfg.name}: search progress (complete trials)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "best_so_far.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _trial_table(a: dict, metric: str) -> list[str]:
+    lines = [f"| trial | state | valid {metric} | last validated step | settings |", "|---|---|---|---|---|"]
+    for t in a["trials"]:
+        steps = list(t["intermediate"])
+        last = f"{steps[-1]} ({t['intermediate'][steps[-1]]:.4f})" if steps else ""
+        value = f"{t['value']:.4f}" if t["value"] is not None else ""
+        lines.append(f"| {t['number']} | {t['state']} | {value} | {last} | `{' '.join(t['overrides'])}` |")
+    return lines
+
+
+def write_search_report(cfg: SweepConfig, archs: list[dict], out: Path, quick: bool) -> None:
+    search = cfg.search
+    aggregate_search(archs)
+    (out / "results.json").write_text(
+        json.dumps({"config": dataclasses.asdict(cfg), "archs": archs}, indent=1)
+    )
+    png = plot_best_so_far(cfg, archs, out)
+    tasks = _task_metrics(archs)
+    head = ["arch", "chosen settings", f"valid {search.metric} (best trial)"]
+    head += [f"test {m.replace('/', ' ').replace('uauc', 'UAUC').replace('auc', 'AUC')}" for m in tasks]
+    head += ["dense params", "trials complete / pruned / failed"]
+    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in archs:
+        states = [t["state"] for t in a["trials"]]
+        counts = f"{states.count('COMPLETE')} / {states.count('PRUNED')} / {states.count('FAIL')}"
+        best = a["best"]
+        row = [a["arch"], f"`{' '.join(a.get('tuned', []))}`" if best else "none (no complete trial)"]
+        row.append(f"{best['value']:.4f} (#{best['number']})" if best else "")
+        row += [_fmt(a["stats"].get(m)) if best else "" for m in tasks]
+        row += [f"{a['params'] / 1e6:.3f}M" if "params" in a else "", counts]
+        table.append("| " + " | ".join(row) + " |")
+    text = [
+        f"# {cfg.name}{' (quick)' if quick else ''}",
+        "",
+        cfg.description.strip(),
+        "",
+        f"Hyper-parameter search (launch/search.py): per arch {search.trials} Optuna trials (TPE sampler, "
+        f"seed {search.sampler_seed}; pruner: {search.pruner}), each one training run with seed "
+        f"{search.trial_seed}, selected on the validation split by `{search.metric}` ({search.direction}). "
+        f"The best trial's settings were then trained with seeds {cfg.seeds} and evaluated on the test split "
+        "once: test columns are mean ± sample standard deviation over those seeds. The trials never "
+        "evaluated the test split (`trainer.final_eval=false`).",
+        "",
+        f"Common overrides: `{' '.join(cfg.overrides)}`",
+        "",
+        *table,
+        "",
+        f"![best valid {search.metric} so far]({png.name})",
+        "",
+    ]
+    for a in archs:
+        text += [f"## {a['arch']}", "", f"Base overrides: `{' '.join(a['overrides'])}`", ""]
+        text += [*_trial_table(a, search.metric), ""]
+    (out / "README.md").write_text("\n".join(text))

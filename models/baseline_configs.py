@@ -17,6 +17,7 @@ class DLRMConfig:
     bottom_layers: int = 1  # bottom MLP on the flat input: [mlp_width] * bottom_layers, then -> D
     over_layers: int = 2  # over MLP on [bottom output, pairwise dots]: [mlp_width] * over_layers
     head_hidden: list[int] = field(default_factory=list)
+    head_dropout: float = 0.0  # MultiTaskHead: on the towers' input and hidden activations
 
     @property
     def bottom_mlp(self) -> list[int]:
@@ -36,6 +37,7 @@ class DCNv2Config:
     deep_width: int = 256  # deep ReLU MLP stacked after the cross net: [deep_width] * deep_layers
     deep_layers: int = 2
     head_hidden: list[int] = field(default_factory=list)
+    head_dropout: float = 0.0  # MultiTaskHead: on the towers' input and hidden activations
 
     @property
     def deep_mlp(self) -> list[int]:
@@ -51,6 +53,7 @@ class AutoIntConfig:
     num_layers: int = 3
     num_heads: int = 2
     head_hidden: list[int] = field(default_factory=list)
+    head_dropout: float = 0.0  # MultiTaskHead: on the towers' input and hidden activations
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -68,6 +71,7 @@ class WukongConfig:
     fm_rank: int = 8  # k: optimized FM X (X^T Y) with Y (n, k) learnt, instead of the full n x n
     mlp_mult: int = 4  # FMB's MLP (on the flattened interactions) and the top MLP: one layer of mult * D
     head_hidden: list[int] = field(default_factory=list)
+    head_dropout: float = 0.0  # MultiTaskHead: on the towers' input and hidden activations
 
     @property
     def fm_mlp(self) -> list[int]:
@@ -90,3 +94,4 @@ class MMoEConfig:
     expert_hidden: int = 256  # every expert: W -> hidden -> out, ReLU
     expert_out: int = 128
     tower_hidden: int = 64  # per-task tower: out -> hidden -> 1
+    head_dropout: float = 0.0  # on each task's mixed expert output and its tower's hidden activation

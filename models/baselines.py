@@ -63,7 +63,7 @@ class DLRM(DenseArch):
         self.interaction = InteractionArch(num_sparse_features=cfg.num_tokens)
         F_ = cfg.num_tokens
         self.over = MLP(cfg.dim + F_ * (F_ + 1) // 2, cfg.over_mlp, activation="relu")
-        self.head = MultiTaskHead(cfg.over_mlp[-1], cfg.num_tasks, cfg.head_hidden)
+        self.head = MultiTaskHead(cfg.over_mlp[-1], cfg.num_tasks, cfg.head_hidden, cfg.head_dropout)
 
     def forward(self, groups: list[torch.Tensor]) -> torch.Tensor:
         dense = self.bottom(torch.cat(groups, dim=-1))  # (B, D)
@@ -96,7 +96,7 @@ class DCNv2(DenseArch):
         width = sum(cfg.group_dims)
         self.cross = LowRankCrossNet(width, cfg.cross_layers, cfg.low_rank)
         self.deep = MLP(width, cfg.deep_mlp, activation="relu")
-        self.head = MultiTaskHead(cfg.deep_mlp[-1], cfg.num_tasks, cfg.head_hidden)
+        self.head = MultiTaskHead(cfg.deep_mlp[-1], cfg.num_tasks, cfg.head_hidden, cfg.head_dropout)
 
     def forward(self, groups: list[torch.Tensor]) -> torch.Tensor:
         x = self.cross(torch.cat(groups, dim=-1))  # (B, W)
@@ -136,7 +136,7 @@ class AutoInt(DenseArch):
         self.cfg = cfg
         self.tokenizer = SemanticTokenizer(cfg.group_dims, cfg.num_tokens, cfg.dim)
         self.layers = nn.ModuleList(AutoIntLayer(cfg.dim, cfg.num_heads) for _ in range(cfg.num_layers))
-        self.head = MultiTaskHead(cfg.num_tokens * cfg.dim, cfg.num_tasks, cfg.head_hidden)
+        self.head = MultiTaskHead(cfg.num_tokens * cfg.dim, cfg.num_tasks, cfg.head_hidden, cfg.head_dropout)
 
     def forward(self, groups: list[torch.Tensor]) -> torch.Tensor:
         x = self.tokenizer(groups).transpose(0, 1)  # (B, T, D)
@@ -186,7 +186,7 @@ class Wukong(DenseArch):
         self.tokenizer = SemanticTokenizer(cfg.group_dims, cfg.num_tokens, cfg.dim)
         self.layers = nn.ModuleList(WukongLayer(cfg) for _ in range(cfg.num_layers))
         self.top = MLP(cfg.num_tokens * cfg.dim, cfg.top_mlp, activation="relu")
-        self.head = MultiTaskHead(cfg.top_mlp[-1], cfg.num_tasks, cfg.head_hidden)
+        self.head = MultiTaskHead(cfg.top_mlp[-1], cfg.num_tasks, cfg.head_hidden, cfg.head_dropout)
 
     def forward(self, groups: list[torch.Tensor]) -> torch.Tensor:
         x = self.tokenizer(groups).transpose(0, 1)  # (B, n, D)
@@ -232,6 +232,7 @@ class MMoE(DenseArch):
         self.tb1 = nn.Parameter(torch.zeros(K, 1, cfg.tower_hidden))
         self.t2 = nn.Parameter(torch.randn(K, cfg.tower_hidden, 1) / math.sqrt(cfg.tower_hidden))  # (K, h, 1)
         self.tb2 = nn.Parameter(torch.zeros(K, 1, 1))
+        self.dropout = nn.Dropout(cfg.head_dropout)
 
     def forward(self, groups: list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat(groups, dim=-1)  # (B, W)
@@ -240,8 +241,8 @@ class MMoE(DenseArch):
         h = F.relu(torch.baddbmm(self.b1, xe, self.w1))  # (E, B, H)
         experts = F.relu(torch.baddbmm(self.b2, h, self.w2))  # (E, B, O)
         gates = torch.softmax(self.gates(x).view(-1, K, E), dim=-1)  # (B, K, E)
-        mixed = torch.einsum("bke,ebo->kbo", gates, experts)  # (K, B, O)
-        t = F.relu(torch.baddbmm(self.tb1, mixed, self.t1))  # (K, B, h)
+        mixed = self.dropout(torch.einsum("bke,ebo->kbo", gates, experts))  # (K, B, O)
+        t = self.dropout(F.relu(torch.baddbmm(self.tb1, mixed, self.t1)))  # (K, B, h)
         return torch.baddbmm(self.tb2, t, self.t2).squeeze(-1).transpose(0, 1)  # (B, K)
 
     def flops_per_sample(self, active_ratio: float | None = None) -> float:

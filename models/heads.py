@@ -13,29 +13,34 @@ from torch import nn
 
 
 class MultiTaskHead(nn.Module):
-    """(B, in_dim) -> (B, num_tasks) logits; hidden = [] gives one linear layer per task."""
+    """(B, in_dim) -> (B, num_tasks) logits; hidden = [] gives one linear layer per task. `dropout` is
+    applied to the towers' input and to every hidden activation (training only)."""
 
-    def __init__(self, in_dim: int, num_tasks: int, hidden: list[int]) -> None:
+    def __init__(self, in_dim: int, num_tasks: int, hidden: list[int], dropout: float = 0.0) -> None:
         super().__init__()
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"head dropout must be in [0, 1), got {dropout}")
         self.in_dim = in_dim
         self.num_tasks = num_tasks
         self.hidden = list(hidden)
-        self.towers = nn.ModuleList(self._tower(in_dim, self.hidden) for _ in range(num_tasks))
+        self.dropout = nn.Dropout(dropout)
+        self.towers = nn.ModuleList(self._tower(in_dim, self.hidden, dropout) for _ in range(num_tasks))
 
     @staticmethod
-    def _tower(in_dim: int, hidden: list[int]) -> nn.Sequential:
+    def _tower(in_dim: int, hidden: list[int], dropout: float) -> nn.Sequential:
         layers: list[nn.Module] = []
         width = in_dim
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.GELU()]
+            layers += [nn.Linear(width, h), nn.GELU(), nn.Dropout(dropout)]
             width = h
         layers.append(nn.Linear(width, 1))
         return nn.Sequential(*layers)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         # pooled: (B, in_dim); a loop over tasks (2-3 of them), not over tokens or samples
+        pooled = self.dropout(pooled)
         return torch.cat([tower(pooled) for tower in self.towers], dim=-1)  # (B, num_tasks)
 
     def num_params(self) -> int:

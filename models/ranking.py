@@ -105,13 +105,30 @@ class RankingModel(nn.Module):
     def forward(
         self, dense: torch.Tensor, sparse: KeyedJaggedTensor, sequence: KeyedJaggedTensor | None = None
     ) -> torch.Tensor:
+        return self.forward_with_embedding_sq(dense, sparse, sequence, with_sq=False)[0]
+
+    def forward_with_embedding_sq(
+        self,
+        dense: torch.Tensor,
+        sparse: KeyedJaggedTensor,
+        sequence: KeyedJaggedTensor | None = None,
+        with_sq: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (B, num_tasks), the squared L2 norm of every embedding the batch looked up, per row
+        (pooled bags as the model sees them, every unpooled item), as a scalar mean over rows, or None)."""
         pooled, unpooled = self.sparse_arch(sparse, sequence)
+        sq = None
+        if with_sq:
+            batch = dense.shape[0]
+            sq = pooled.values().square().sum() / batch
+            for jt in (unpooled or {}).values():
+                sq = sq + jt.values().square().sum() / batch
         if self.sequence_arch is None:
-            return self.dense_arch(self.feature_groups([pooled], dense))  # (B, num_tasks)
+            return self.dense_arch(self.feature_groups([pooled], dense)), sq  # (B, num_tasks)
         parts = self._group_parts(pooled, unpooled, dense)
         items, lengths = self._sequence_items(unpooled)
         e_s = self.sequence_arch(items, lengths, *self._global_inputs(parts))  # (B, G, D)
-        return self._dense_logits(parts, e_s)
+        return self._dense_logits(parts, e_s), sq
 
     def _dense_logits(self, parts: dict[str, torch.Tensor], e_s: torch.Tensor) -> torch.Tensor:
         """The dense arch on the groups, with e_s (B, G, D) flattened into the sequence group."""
@@ -176,7 +193,7 @@ class RankingModel(nn.Module):
 
 class RankingOutput(NamedTuple):
     task_losses: torch.Tensor  # (num_tasks,) detached mean BCE per task
-    aux_loss: torch.Tensor  # () detached auxiliary loss of the dense arch (Sparse-MoE L_reg term), 0 if none
+    aux_loss: torch.Tensor  # () detached auxiliary loss: the dense arch's (Sparse-MoE L_reg) + embedding L2
     logits: torch.Tensor  # (B, num_tasks) detached
     labels: torch.Tensor  # (B, num_tasks)
     user_id: torch.Tensor  # (B,)
@@ -187,7 +204,11 @@ class RankingTrainWrapper(nn.Module):
     """`forward(batch) -> (loss, RankingOutput)`, the contract of `TrainPipelineSparseDist`."""
 
     def __init__(
-        self, model: RankingModel, autocast_dtype: torch.dtype | None = None, device_type: str = "cpu"
+        self,
+        model: RankingModel,
+        autocast_dtype: torch.dtype | None = None,
+        device_type: str = "cpu",
+        embedding_l2: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -195,13 +216,17 @@ class RankingTrainWrapper(nn.Module):
         # here, not from the batch: TrainPipelineSparseDist fx-traces this forward, so it must be static.
         self.autocast_dtype = autocast_dtype
         self.device_type = device_type
+        # L2 on the looked-up embeddings (optim.sparse.l2): lazy embedding weight decay, in the loss
+        self.embedding_l2 = embedding_l2
 
     def forward(self, batch: RecBatch) -> tuple[torch.Tensor, RankingOutput]:
+        with_sq = self.embedding_l2 > 0 and self.training
+        inputs = (batch.dense, batch.sparse, batch.sequence, with_sq)
         if self.autocast_dtype is None:
-            logits = self.model(batch.dense, batch.sparse, batch.sequence)
+            logits, emb_sq = self.model.forward_with_embedding_sq(*inputs)
         else:
             with torch.autocast(self.device_type, dtype=self.autocast_dtype):
-                logits = self.model(batch.dense, batch.sparse, batch.sequence)
+                logits, emb_sq = self.model.forward_with_embedding_sq(*inputs)
         logits = logits.float()  # (B, num_tasks)
         weight = batch.mask.to(logits.dtype).unsqueeze(1)  # (B, 1): padding rows contribute nothing
         bce = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
@@ -209,6 +234,9 @@ class RankingTrainWrapper(nn.Module):
         loss = task_losses.sum()
         # the dense arch's auxiliary term of this training forward (Sparse-MoE: lambda * L_reg), if any
         aux = self.model.dense_arch.aux_loss() if self.training else None
+        if emb_sq is not None:
+            l2 = self.embedding_l2 * emb_sq.float()
+            aux = l2 if aux is None else aux + l2
         if aux is not None:
             loss = loss + aux
         aux_value = aux.detach() if aux is not None else torch.zeros((), device=loss.device)

@@ -74,6 +74,7 @@ class RankMixerConfig:
     residual: bool = True  # table 2: "w/o skip connections" when False
     layer_norm: bool = True  # table 2: "w/o layer normalization" when False
     head_hidden: list[int] = field(default_factory=list)  # per-task tower hidden sizes ([] = one linear)
+    head_dropout: float = 0.0  # on the pooled tokens entering the towers and their hidden activations
     dropout: float = 0.0  # on the FFN hidden activation and the FFN output
     attention_heads: int = 0  # heads for token_mixing=self_attention; 0 means T (must divide D)
     # Sparse-MoE (ffn=smoe): N_e experts per token, each D -> moe_expert_mult * D -> D
@@ -296,7 +297,7 @@ class RankMixer(DenseArch):
         split = cfg.token_mixing != "all_share"
         self.tokenizer = SemanticTokenizer(cfg.group_dims, cfg.num_tokens, cfg.dim, split=split)
         self.blocks = nn.ModuleList(RankMixerBlock(cfg) for _ in range(cfg.num_layers))
-        self.head = MultiTaskHead(cfg.dim, cfg.num_tasks, cfg.head_hidden)
+        self.head = MultiTaskHead(cfg.dim, cfg.num_tasks, cfg.head_hidden, cfg.head_dropout)
 
     def forward(self, groups: list[torch.Tensor]) -> torch.Tensor:
         x = self.tokenizer(groups)  # list of (B, d_g) -> (T, B, D)

@@ -68,10 +68,17 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, or the latest complete one under a run dir / checkpoints dir."""
+    """A checkpoint dir; or, for a run dir, the checkpoint its metrics.json selected (the best validation
+    step, the one its test metrics come from), else its latest complete one; or the latest complete one
+    under a checkpoints dir."""
     p = Path(path)
     if (p / "trainer.json").is_file():
         return p
+    summary = p / "metrics.json"
+    if summary.is_file():
+        selected = json.loads(summary.read_text()).get("selected_step")
+        if selected is not None and (p / "checkpoints" / f"step_{selected:08d}" / "trainer.json").is_file():
+            return p / "checkpoints" / f"step_{selected:08d}"
     for root in (p / "checkpoints", p):
         found = complete_checkpoints(root)
         if found:
@@ -84,6 +91,10 @@ class CheckpointManager:
         self.root = Path(root)
         self.info = info
         self.keep_last = keep_last
+        self.keep_step: int | None = None  # kept besides the last keep_last (the best validation step)
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
 
     def latest(self) -> Path | None:
         found = complete_checkpoints(self.root)
@@ -102,7 +113,7 @@ class CheckpointManager:
         trainer_state: dict[str, Any],
         config_yaml: str,
     ) -> Path:
-        final = self.root / f"step_{step:08d}"
+        final = self.path(step)
         tmp = self.root / f".step_{step:08d}.tmp"
         if self.info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of the same step
@@ -118,8 +129,10 @@ class CheckpointManager:
             if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in complete_checkpoints(self.root)[: -self.keep_last] if self.keep_last > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+            old = _complete(self.root)[: -self.keep_last] if self.keep_last > 0 else []
+            for old_step, old_path in old:
+                if old_step != self.keep_step:
+                    shutil.rmtree(old_path, ignore_errors=True)
             log.info("checkpoint saved: %s", final)
         dist.barrier()
         return final

@@ -55,6 +55,11 @@ class SparseOptimConfig:
     lr: float = 0.1
     eps: float = 1e-8
     initial_accumulator_value: float = 0.0
+    # L2 penalty on the embeddings each batch looks up, added to the loss: l2 * mean over rows of the sum
+    # of squares of the sparse arch's outputs. Embedding weight decay, applied lazily to the rows in use
+    # (as CTR libraries regularise embeddings): FBGEMM's fused exact Adagrad has no weight decay, and its
+    # row-wise Adagrad's CPU kernel ignores the one it takes (measured), so the loss is where it works.
+    l2: float = 0.0
 
 
 @dataclass
@@ -67,7 +72,14 @@ class DenseOptimConfig:
     eps: float = 1e-8
     momentum: float = 0.0
     weight_decay: float = 0.0
-    warmup_steps: int = 200  # linear warmup of the dense lr from 0
+    warmup_steps: int = 200  # linear warmup of the dense lr from lr / warmup_steps
+    # after warmup: constant | cosine (to min_lr_ratio * lr at decay_steps, then flat) | step (times
+    # step_gamma every step_size steps); pipeline/optim.py `lr_multiplier`
+    schedule: str = "constant"
+    decay_steps: int = -1  # cosine: steps from the end of warmup to the floor; -1: the run's last step
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    step_size: int = 1000  # step schedule: steps between decays
+    step_gamma: float = 0.5  # step schedule: lr multiplier per decay
     grad_clip_norm: float = 1.0  # clip the dense grads' global 2-norm; <= 0 disables
     # Parameter groups that step at a multiple of `lr` are the model's to name (`RankingModel.lr_scales`,
     # set by model.* fields).
@@ -88,6 +100,18 @@ class ShardingConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Model selection on the validation split (evaluated every `trainer.eval_every` steps or epoch)."""
+
+    metric: str = "mean_auc"  # a validation metric key: mean_auc / mean_uauc (over tasks), "<task>/auc"...
+    patience: int = 0  # stop after this many validations without improvement; 0: never stop early
+    min_delta: float = 0.0  # an improvement must exceed this
+    # keep the checkpoint of the best validation step (besides the last keep_last) and evaluate the test
+    # split with it; false: the final state is evaluated
+    select_best: bool = True
+
+
+@dataclass
 class TrainerConfig:
     run_dir: str | None = None  # None: outputs/train/<timestamp>
     epochs: int = 1
@@ -99,6 +123,7 @@ class TrainerConfig:
     eval_max_batches: int = -1  # cap on periodic validation batches per rank (-1: whole split)
     checkpoint_every: int = 0  # steps between checkpoints; 0: end of every epoch
     keep_last: int = 2
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     resume: str = "none"  # none | auto (latest complete checkpoint under run_dir) | a checkpoint path
     autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     progress_bar: bool = True  # tqdm on rank 0, only when stderr is a TTY

@@ -60,12 +60,26 @@ def evaluate(
     if hasattr(batches, "close"):
         batches.close()
     metrics = evaluator.compute()
+    for name in ("auc", "uauc"):  # the default model-selection metrics (trainer.early_stop.metric)
+        metrics[f"mean_{name}"] = sum(metrics[f"{t}/{name}"] for t in task_names) / len(task_names)
+    metrics["collapsed_tasks"] = float(len(collapsed_tasks(metrics, task_names)))
     for k, total in stat_sums.items():  # mean over batches, then ranks (every rank ran n batches)
         metrics[k] = mean_over_ranks(torch.tensor(total / n, dtype=torch.float64)).item()
     if predictions_path is not None:
         write_predictions(predictions_path, preds, task_names)
     model.train(was_training)
     return metrics
+
+
+# A task whose predicted probabilities vary less than this over a whole split predicts a constant: its AUC
+# is 0.5 (or noise) because the model collapsed, not because the task is hard. Healthy models here spread
+# their scores by 0.05-0.2.
+COLLAPSE_STD = 1e-4
+
+
+def collapsed_tasks(metrics: dict[str, float], task_names: list[str]) -> list[str]:
+    """Tasks whose predictions are (near) constant over the evaluated split."""
+    return [t for t in task_names if metrics.get(f"{t}/pred_std", 1.0) < COLLAPSE_STD]
 
 
 def evaluate_inference_modes(

@@ -82,18 +82,20 @@ def resolve_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
 
 
 def build_model(
-    cfg: TrainConfig, schema: Schema, info: DistInfo
+    cfg: TrainConfig, schema: Schema, info: DistInfo, total_steps: int = 0
 ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
-    """RankingModel (tables on meta, materialised by sharding) -> fused sparse optim -> DMP -> optimizer."""
+    """RankingModel (tables on meta, materialised by sharding) -> fused sparse optim -> DMP -> optimizer.
+    `total_steps`: the training run's length, where a cosine lr schedule ends (0: not training)."""
     model = RankingModel(
         schema, cfg.model, dense_proj_dim=cfg.trainer.dense_proj_dim, device=torch.device("meta")
     )
     model.feature_groups.to(info.device)
     model.dense_arch.to(info.device)
-    wrapper = RankingTrainWrapper(model, autocast_dtype(cfg.trainer.autocast, info.device), info.device.type)
+    autocast = autocast_dtype(cfg.trainer.autocast, info.device)
+    wrapper = RankingTrainWrapper(model, autocast, info.device.type, embedding_l2=cfg.optim.sparse.l2)
     fuse_sparse_optimizer(model.sparse_arch, cfg.optim.sparse)
     dmp, _ = shard_model(wrapper, table_names(schema), cfg.sharding, info, cfg.data.batch_size)
-    optimizer = build_optimizer(dmp, cfg.optim.dense, lr_scales_by_param(model))
+    optimizer = build_optimizer(dmp, cfg.optim.dense, lr_scales_by_param(model), total_steps)
     set_initial_accumulator(dmp, cfg.optim.sparse.initial_accumulator_value)
     return dmp, optimizer
 

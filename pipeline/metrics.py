@@ -74,15 +74,17 @@ def _task_metrics(logits: torch.Tensor, labels: torch.Tensor, user_ids: torch.Te
     logloss uses the logits directly (numerically stable, no clamping of probabilities).
     """
     if logits.numel() == 0:
-        nan_keys = ("auc", "uauc", "uauc_weighted", "logloss", "ctr", "pred_mean")
+        nan_keys = ("auc", "uauc", "uauc_weighted", "logloss", "ctr", "pred_mean", "pred_std")
         return {**dict.fromkeys(nan_keys, _NAN), "uauc_users": 0.0}
     logits64, labels64 = logits.to(torch.float64), labels.to(torch.float64)
+    scores = torch.sigmoid(logits64)
     return {
         "auc": binary_auc(logits, labels),
         **user_auc(logits, labels, user_ids),
         "logloss": float(F.binary_cross_entropy_with_logits(logits64, labels64)),
         "ctr": float(labels64.mean()),
-        "pred_mean": float(torch.sigmoid(logits64).mean()),
+        "pred_mean": float(scores.mean()),
+        "pred_std": float(scores.std(correction=0)),  # ~0: the model predicts a constant (collapsed)
     }
 
 
@@ -152,7 +154,7 @@ class ExactAUCEvaluator:
         return dense[:, :n_tasks], dense[:, n_tasks:], _all_gather_rows(user_ids, counts)
 
     def compute(self) -> dict[str, float]:
-        """Per-task ``<task>/{auc,uauc,uauc_weighted,uauc_users,logloss,ctr,pred_mean}`` and ``rows``.
+        """Per-task ``<task>/{auc,uauc,uauc_weighted,uauc_users,logloss,ctr,pred_mean,pred_std}``, ``rows``.
 
         Exact over all valid rows of all ranks; every rank returns the same values.
         """

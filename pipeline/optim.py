@@ -1,10 +1,13 @@
 """Hybrid optimisation (paper s4.1, DESIGN s4): embedding tables on Adagrad fused into the backward by
-TorchRec/FBGEMM; dense parameters (DDP-replicated) on RMSProp with linear warmup and global-norm clipping.
+TorchRec/FBGEMM; dense parameters (DDP-replicated) on RMSProp with linear warmup, then a constant, cosine or
+step schedule, and global-norm clipping.
 Both live behind one `CombinedOptimizer`, whose `state_dict()` is what the checkpoint saves -- the fused
 Adagrad state included, so a resume does not silently restart Adagrad.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -13,7 +16,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.clipping import GradientClipping, GradientClippingOptimizer
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.optim.warmup import WarmupOptimizer, WarmupPolicy, WarmupStage
+from torchrec.optim.warmup import WarmupOptimizer
 
 from pipeline.config import DenseOptimConfig, SparseOptimConfig
 
@@ -63,43 +66,73 @@ def _dense_optimizer_factory(cfg: DenseOptimConfig, scale_of: dict[int, float]):
     return factory
 
 
-class GroupScaledWarmupOptimizer(WarmupOptimizer):
-    """TorchRec's `WarmupOptimizer` writes one lr into every param group; this one then multiplies each
-    group's lr by its `lr_scale`, so a group's own lr multiple survives the warmup."""
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def lr_multiplier(step: int, cfg: DenseOptimConfig, total_steps: int = 0) -> float:
+    """The dense lr at `step` (steps done) as a fraction of `cfg.lr`: linear warmup from 1/warmup_steps
+    to 1 over warmup_steps, then the schedule, counted from the end of warmup."""
+    warmup = max(cfg.warmup_steps, 0)
+    if warmup and step <= warmup:
+        return 1.0 / warmup + (1.0 - 1.0 / warmup) * step / warmup
+    after = step - warmup
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** (after // cfg.step_size)
+    if cfg.schedule == "cosine":
+        length = cfg.decay_steps if cfg.decay_steps > 0 else total_steps - warmup
+        t = min(1.0, after / max(length, 1))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return 1.0
+
+
+class ScheduledOptimizer(WarmupOptimizer):
+    """The dense lr schedule (`lr_multiplier`), times each param group's `lr_scale`.
+
+    Why TorchRec's WarmupOptimizer and not torch.optim.lr_scheduler: a torch LRScheduler keeps its step
+    count in its own state_dict, outside the CombinedOptimizer's, which is what the DCP checkpoint saves;
+    WarmupOptimizer keeps it in the optimizer state ("__warmup"), so resume restores the schedule with
+    everything else. Its own policies count steps from 0, not from the end of warmup, so they cannot say
+    "cosine from warmup to step T": the multiplier is ours."""
+
+    def __init__(self, optimizer: KeyedOptimizer, cfg: DenseOptimConfig, total_steps: int) -> None:
+        self._cfg, self._total_steps = cfg, total_steps  # read by _set_lr, which the base init calls
+        super().__init__(optimizer, stages=[], lr=cfg.lr)
 
     def _set_lr(self, iter_: int, stage_id: int) -> None:
-        super()._set_lr(iter_, stage_id)
+        lr = self._cfg.lr * lr_multiplier(iter_, self._cfg, self._total_steps)
         for group in self.param_groups:
-            group[self._lr_param] *= group.get("lr_scale", 1.0)
+            group[self._lr_param] = lr * group.get("lr_scale", 1.0)
 
 
 def build_dense_optimizer(
-    named_params: dict[str, torch.Tensor], cfg: DenseOptimConfig, lr_scales: dict[int, float] | None = None
+    named_params: dict[str, torch.Tensor],
+    cfg: DenseOptimConfig,
+    lr_scales: dict[int, float] | None = None,
+    total_steps: int = 0,
 ) -> KeyedOptimizer:
-    """warmup -> clip -> RMSProp over the dense parameters. Parameters in `lr_scales` (keyed by parameter
-    id: the model's `lr_scales()`) step at that multiple of `cfg.lr`, the rest at
-    `cfg.lr`; the clipping norm is global."""
+    """lr schedule -> clip -> RMSProp over the dense parameters. Parameters in `lr_scales` (keyed by
+    parameter id: the model's `lr_scales()`) step at that multiple of the scheduled lr, the rest at the
+    scheduled lr; the clipping norm is global. `total_steps` (the run's) ends a cosine schedule."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optim.dense.schedule: {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
     scale_of = {id(p): (lr_scales or {}).get(id(p), 1.0) for p in named_params.values()}
     dense: KeyedOptimizer = KeyedOptimizerWrapper(named_params, _dense_optimizer_factory(cfg, scale_of))
     if cfg.grad_clip_norm > 0:
         dense = GradientClippingOptimizer(
             dense, clipping=GradientClipping.NORM, max_gradient=cfg.grad_clip_norm
         )
-    if cfg.warmup_steps > 0:
-        dense = GroupScaledWarmupOptimizer(
-            dense,
-            stages=[
-                WarmupStage(WarmupPolicy.LINEAR, max_iters=cfg.warmup_steps, value=1.0 / cfg.warmup_steps)
-            ],
-            lr=cfg.lr,
-        )
+    if cfg.warmup_steps > 0 or cfg.schedule != "constant":
+        dense = ScheduledOptimizer(dense, cfg, total_steps)
     return dense
 
 
 def build_optimizer(
-    dmp: DistributedModelParallel, cfg: DenseOptimConfig, lr_scales: dict[int, float] | None = None
+    dmp: DistributedModelParallel,
+    cfg: DenseOptimConfig,
+    lr_scales: dict[int, float] | None = None,
+    total_steps: int = 0,
 ) -> CombinedOptimizer:
     """sparse (fused, already stepping inside backward) + dense (`build_dense_optimizer`)."""
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    dense = build_dense_optimizer(dense_params, cfg, lr_scales)
+    dense = build_dense_optimizer(dense_params, cfg, lr_scales, total_steps)
     return CombinedOptimizer([("sparse", dmp.fused_optimizer), ("dense", dense)])

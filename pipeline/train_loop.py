@@ -21,10 +21,11 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from data.schema import Schema
-from pipeline.checkpoint import CheckpointManager, agree_on_path
+from pipeline.checkpoint import CheckpointManager, agree_on_path, load_checkpoint_into
 from pipeline.config import TrainConfig
 from pipeline.dist import DistInfo, init_distributed
-from pipeline.evaluate import evaluate, evaluate_inference_modes
+from pipeline.early_stop import EarlyStopping, metric_value
+from pipeline.evaluate import collapsed_tasks, evaluate, evaluate_inference_modes
 from pipeline.files import write_json_atomic
 from pipeline.job import build_model, dense_arch, make_reader, resolve_run_dir, seed_everything
 from pipeline.meter import TrainMeter
@@ -61,50 +62,62 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log.info(
             "run dir: %s (world size %d, %s, backend %s)", run_dir, info.world_size, info.device, info.backend
         )
-    dmp, optimizer = build_model(cfg, schema, info)
+    steps_per_epoch = len(train_reader)
+    total_steps = steps_per_epoch * cfg.trainer.epochs
+    if cfg.trainer.max_steps >= 0:
+        total_steps = min(total_steps, cfg.trainer.max_steps)
+    dmp, optimizer = build_model(cfg, schema, info, total_steps)
     arch = dense_arch(dmp)
     dense_params = sum(p.numel() for _, p in in_backward_optimizer_filter(dmp.named_parameters()))
     if info.is_main:
-        log.info("dense params: %d; train batches/epoch/rank: %d", dense_params, len(train_reader))
+        log.info("dense params: %d; train batches/epoch/rank: %d", dense_params, steps_per_epoch)
 
     # ---- resume ---------------------------------------------------------------------------------------
     ckpt = CheckpointManager(run_dir / "checkpoints", info, keep_last=cfg.trainer.keep_last)
-    pos = resume(cfg, ckpt, info, dmp, optimizer)
+    stopper = EarlyStopping(cfg.trainer.early_stop)
+    pos, trainer_state = resume(cfg, ckpt, info, dmp, optimizer)
+    if "early_stop" in trainer_state:
+        stopper.load_state_dict(trainer_state["early_stop"])
+    select_best = cfg.trainer.early_stop.select_best
+    ckpt.keep_step = stopper.best_step if select_best else None
 
     def save() -> None:
-        trainer_state = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch}
-        ckpt.save(pos.step, dmp, optimizer, trainer_state, config_yaml)
+        if ckpt.latest_step() == pos.step:
+            return  # already saved at this step (a validation's best and the epoch's end coincide)
+        state = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "early_stop": stopper.state_dict()}
+        ckpt.save(pos.step, dmp, optimizer, state, config_yaml)
 
     # ---- the loop -------------------------------------------------------------------------------------
     runlog = RunLog(run_dir, enabled=info.is_main)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, info.device, execute_all_batches=True)
     meter = TrainMeter()
 
-    def validate() -> dict[str, float]:
+    def validate() -> None:
         meter.pause()  # validation time is not training time
         pipeline.detach()  # plain forward for eval; the next progress() re-attaches the pipeline
         metrics = evaluate(dmp, valid_reader, info.device, tasks, cfg.trainer.eval_max_batches)
+        improved = stopper.update(
+            pos.step, metric_value(metrics, cfg.trainer.early_stop.metric, tasks), metrics
+        )
         runlog.log("valid", pos.step, metrics)
         if info.is_main:
-            log.info("valid step %d: %s", pos.step, _fmt(metrics, tasks))
+            log.info("valid step %d: %s%s", pos.step, _fmt(metrics, tasks), " (best)" if improved else "")
+            warn_collapsed(metrics, tasks, "validation")
+        if improved and select_best:
+            ckpt.keep_step = pos.step
+            save()  # the best model so far, kept until a better one (pipeline/checkpoint.py keep_step)
         meter.resume()
-        return metrics
 
-    steps_per_epoch = len(train_reader)
-    total_steps = steps_per_epoch * cfg.trainer.epochs
-    if cfg.trainer.max_steps >= 0:
-        total_steps = min(total_steps, cfg.trainer.max_steps)
     show_bar = info.is_main and cfg.trainer.progress_bar and sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=pos.step, disable=not show_bar, desc="train")
     profiler = StepProfiler(cfg.trainer.profile_steps, run_dir / "profile", enabled=info.is_main)
-    valid_metrics: dict[str, float] = {}
     dmp.train()
-    while pos.step < total_steps:
+    while pos.step < total_steps and not stopper.should_stop:
         train_reader.set_epoch(pos.epoch)
         if pos.step_in_epoch:
             train_reader.load_state_dict({"epoch": pos.epoch, "batches_yielded": pos.step_in_epoch})
         batches = iter(train_reader)
-        while pos.step < total_steps:
+        while pos.step < total_steps and not stopper.should_stop:
             profiler.before_step(pos.step)
             try:
                 out = pipeline.progress(batches)
@@ -122,25 +135,40 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 if info.is_main:
                     log_train(record, arch.stats_summary(record), tasks, pos.step, total_steps, info)
             if cfg.trainer.eval_every > 0 and pos.step % cfg.trainer.eval_every == 0:
-                valid_metrics = validate()
+                validate()
             if cfg.trainer.checkpoint_every > 0 and pos.step % cfg.trainer.checkpoint_every == 0:
                 save()
         if pos.step_in_epoch >= steps_per_epoch:  # epoch finished (not stopped by max_steps)
             pos.epoch += 1
             pos.step_in_epoch = 0
             if cfg.trainer.eval_every == 0:
-                valid_metrics = validate()
+                validate()
             if cfg.trainer.checkpoint_every == 0:
                 save()
     bar.close()
     pipeline.detach()
+    stop_reason = (
+        "early_stopping"
+        if stopper.should_stop
+        else "max_steps"
+        if pos.step == cfg.trainer.max_steps
+        else "epochs"
+    )
 
-    # ---- the end: a checkpoint of the final state, the test split, metrics.json ------------------------
-    if ckpt.latest_step() != pos.step:
-        save()
+    # ---- the end: a checkpoint of the final state, the selected model, the test split, metrics.json ----
+    save()
+    selected = pos.step
+    if select_best and stopper.best_step is not None and stopper.best_step != pos.step:
+        selected = stopper.best_step
+        load_checkpoint_into(ckpt.path(selected), dmp, optimizer=None)
+    if info.is_main:
+        why = "best validation" if selected == stopper.best_step else "final state"
+        log.info("stopped (%s) at step %d; selected step %d (%s)", stop_reason, pos.step, selected, why)
     summary: dict[str, Any] = {
         "steps": pos.step,
         "epochs": pos.epoch,
+        "stop_reason": stop_reason,
+        "selected_step": selected,
         "run_dir": str(run_dir),
         "world_size": info.world_size,
         "dense_params": dense_params,
@@ -148,7 +176,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if meter.train_seconds
         else None,
         "train_seconds": meter.train_seconds,
-        "valid": valid_metrics,
+        # validation metrics of the selected step: the best one, or the last one without select_best
+        "valid": stopper.best_metrics if selected == stopper.best_step else stopper.last_metrics,
+        "early_stop": {"metric": cfg.trainer.early_stop.metric, **stopper.state_dict(with_metrics=False)},
     }
     if cfg.trainer.final_eval:
         test_reader = make_reader(cfg, schema, info, cfg.data.split, train=False)
@@ -159,7 +189,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
         summary.update(evaluate_inference_modes(dmp, test_reader, info.device, tasks, -1, preds))
         summary["split"] = cfg.data.split
-        runlog.log("test", pos.step, summary["test"])
+        runlog.log("test", selected, summary["test"])
+        if info.is_main:
+            warn_collapsed(summary["test"], tasks, f"the {cfg.data.split} split")
+    evaluated = summary.get("test") or summary["valid"] or {}
+    summary["collapsed"] = collapsed_tasks(evaluated, tasks)
     summary["dense_flops_per_sample"] = arch.flops_per_sample()  # all of it; activated: at serving
     summary["activated_flops_per_sample"] = arch.activated_flops_per_sample(summary.get("test", {}))
     if info.is_main:
@@ -170,9 +204,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def resume(cfg: TrainConfig, ckpt: CheckpointManager, info: DistInfo, dmp: Any, optimizer: Any) -> Position:
-    """The position to start from: 0, or the checkpoint `trainer.resume` names (auto: the latest complete
-    one under the run dir), whose model, optimizer and RNG state are loaded in place."""
+def warn_collapsed(metrics: dict[str, float], tasks: list[str], where: str) -> None:
+    collapsed = collapsed_tasks(metrics, tasks)
+    if collapsed:
+        std = ", ".join(f"{t} {metrics[f'{t}/pred_std']:.2e}" for t in collapsed)
+        log.warning("COLLAPSED on %s: constant predictions (score std %s); its AUC means nothing", where, std)
+
+
+def resume(
+    cfg: TrainConfig, ckpt: CheckpointManager, info: DistInfo, dmp: Any, optimizer: Any
+) -> tuple[Position, dict[str, Any]]:
+    """The position to start from and the saved trainer state: (0, {}), or those of the checkpoint
+    `trainer.resume` names (auto: the latest complete one under the run dir), whose model, optimizer and
+    RNG state are loaded in place."""
     if cfg.trainer.resume == "auto":
         resume_from = agree_on_path(info, ckpt.latest())
     elif cfg.trainer.resume not in ("none", ""):
@@ -180,7 +224,7 @@ def resume(cfg: TrainConfig, ckpt: CheckpointManager, info: DistInfo, dmp: Any, 
     else:
         resume_from = None
     if resume_from is None:
-        return Position()
+        return Position(), {}
     meta = ckpt.load(resume_from, dmp, optimizer)
     pos = Position(meta["step"], meta["epoch"], meta["step_in_epoch"])
     if info.is_main:
@@ -191,7 +235,7 @@ def resume(cfg: TrainConfig, ckpt: CheckpointManager, info: DistInfo, dmp: Any, 
             pos.epoch,
             pos.step_in_epoch,
         )
-    return pos
+    return pos, meta
 
 
 def train_record(meter: TrainMeter, tasks: list[str], batch_size: int, world_size: int, epoch: int) -> dict:

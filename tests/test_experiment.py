@@ -61,6 +61,12 @@ def test_solved_width_lands_near_the_parameter_budget(model: str):
     assert abs(params - 500_000) / 500_000 < 0.1, (name, width, params)  # RankMixer's D steps by T
 
 
+def test_a_budget_that_leaves_a_degenerate_width_is_refused():
+    # DCNv2 @100k: the cross net alone is ~83k params; a 1-unit deep MLP collapsed the model (issue 15)
+    with pytest.raises(SystemExit, match=r"model.dense.deep_width=1 \(< 16\)"):
+        solve_budget(["model=dcnv2"], 100_000)
+
+
 def test_rereport_reuses_earlier_speeds_and_partial_reports_keep_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

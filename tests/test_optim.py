@@ -13,7 +13,7 @@ from models.moe import SparseMoEFFN, router_lr_scales
 from models.ranking import RankingModel
 from pipeline.config import DenseOptimConfig
 from pipeline.job import lr_scales_by_param
-from pipeline.optim import build_dense_optimizer
+from pipeline.optim import build_dense_optimizer, lr_multiplier
 
 
 def router_scales(moe: SparseMoEFFN, scale: float) -> dict[int, float]:
@@ -111,3 +111,34 @@ def test_resumed_optimizer_continues_exactly_like_the_uninterrupted_one():
     for (name, a), b in zip(moe.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     assert _lrs(opt2, resumed) == _lrs(opt, moe)
+
+
+@pytest.mark.parametrize(
+    "schedule, extra, expected",
+    [
+        # warmup 2 steps from lr/2 (torchrec's linear warmup from 1/warmup), then the schedule
+        ("constant", {}, {0: 0.5, 1: 0.75, 2: 1.0, 6: 1.0, 12: 1.0}),
+        # cosine from the end of warmup (step 2) to the run's end (step 10), floor 0.1
+        ("cosine", {"min_lr_ratio": 0.1}, {2: 1.0, 6: 0.55, 10: 0.1, 12: 0.1}),
+        ("step", {"step_size": 3, "step_gamma": 0.5}, {2: 1.0, 4: 1.0, 5: 0.5, 8: 0.25}),
+    ],
+)
+def test_schedules_give_the_documented_lr_at_given_steps(schedule: str, extra: dict, expected: dict):
+    cfg = DenseOptimConfig(lr=0.01, warmup_steps=2, schedule=schedule, **extra)
+    assert {s: lr_multiplier(s, cfg, total_steps=10) for s in expected} == pytest.approx(expected)
+    # and through the optimizer, with a router group at 0.1x: after k steps the lr is the one of step k
+    torch.manual_seed(0)
+    moe = SparseMoEFFN(num_tokens=2, dim=8, num_experts=4, expert_hidden=16)
+    opt = build_dense_optimizer(dict(moe.named_parameters()), cfg, router_scales(moe, 0.1), total_steps=10)
+    for step in range(max(expected) + 1):
+        lrs = _lrs(opt, moe)
+        if step in expected:
+            assert lrs["w1"] == pytest.approx(0.01 * expected[step]), step
+            assert lrs["router_w"] == pytest.approx(0.001 * expected[step]), step
+        _step(opt, moe, step)
+
+
+def test_unknown_schedule_is_named():
+    moe = SparseMoEFFN(num_tokens=2, dim=8, num_experts=4, expert_hidden=16)
+    with pytest.raises(ValueError, match="optim.dense.schedule: 'linear'"):
+        build_dense_optimizer(dict(moe.named_parameters()), DenseOptimConfig(schedule="linear"))

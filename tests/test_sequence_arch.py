@@ -177,3 +177,22 @@ def test_ranking_model_kv_cache_scores_equal_full_forward_for_many_candidates(tm
         assert (model(lean.dense, lean.sparse, lean.sequence) - expect).abs().amax() > 1e-4
     with pytest.raises(ValueError, match="model.sequence=longer"):
         RankingModel(SCHEMA, model_cfg("mean_pool")).encode_users(lean.sequence)
+
+
+@pytest.mark.parametrize("mode", ["mean_pool", "longer"])
+def test_embedding_l2_adds_the_mean_squared_norm_of_the_looked_up_embeddings(tmp_path: Path, mode: str):
+    torch.manual_seed(0)
+    model = RankingModel(SCHEMA, model_cfg(mode))
+    reader = ParquetReader(
+        write(tmp_path), SCHEMA, batch_size=4, shuffle=False, split_keys=input_keys(SCHEMA, mode)
+    )
+    (batch,) = list(reader)
+    plain_loss, _ = RankingTrainWrapper(model)(batch)
+    loss, out = RankingTrainWrapper(model, embedding_l2=0.1)(batch)
+    pooled, unpooled = model.sparse_arch(batch.sparse, batch.sequence)
+    sq = pooled.values().square().sum() + sum(jt.values().square().sum() for jt in (unpooled or {}).values())
+    assert sq > 0
+    torch.testing.assert_close(loss - plain_loss, 0.1 * sq / 4)
+    torch.testing.assert_close(out.aux_loss, 0.1 * sq / 4)
+    eval_loss, _ = RankingTrainWrapper(model, embedding_l2=0.1).eval()(batch)  # a training term only
+    torch.testing.assert_close(eval_loss, plain_loss)

@@ -145,9 +145,13 @@ def test_two_rank_training_learns_resumes_exactly_and_evaluates_on_one_rank(data
     for key in ("finish/auc", "skip/auc", "finish/uauc", "skip/uauc_weighted", "rows"):
         assert evaluated["test"][key] == pytest.approx(summary["test"][key], abs=1e-5), key
     assert (out / "predictions" / "part-00000.parquet").is_file()
-    # Keep-last-K: only the newest two complete checkpoints remain, no temp dirs.
+    # Keep-last-K: the newest two complete checkpoints remain, plus the selected (best validation) one,
+    # which `launch/eval.py checkpoint=<run dir>` evaluated above; no temp dirs.
     names = sorted(p.name for p in (full / "checkpoints").iterdir())
-    assert names == ["step_00000060", "step_00000120"], names
+    selected = f"step_{summary['selected_step']:08d}"
+    assert names[-2:] == ["step_00000078", "step_00000120"] and set(names) <= {selected, *names[-2:]}, names
+    assert evaluated["checkpoint"].endswith(selected)
+    assert resumed_summary["selected_step"] == summary["selected_step"]  # resume selects exactly the same
 
 
 def test_misspelt_override_is_rejected_before_training(dataset: Path, tmp_path: Path):
