@@ -24,15 +24,25 @@ def print_report(summary: dict[str, Any], data_root: str, title: str | None = No
     tasks = sorted({k.split("/")[0] for k in metrics if k.endswith("/auc")})
     oracle = oracle_metrics(data_root, split)
     print(f"\n== {title or 'test metrics'} (split {split!r}, {int(metrics.get('rows', 0))} rows)")
-    header = f"{'task':<10}{'AUC':>8}{'oracle':>8}{'gap':>8}{'UAUC':>8}{'oracle':>8}{'gap':>8}{'UAUC-w':>8}"
-    print(header)
+    if oracle:  # the generator's true probabilities: how far from the best any model can do
+        print(f"{'task':<10}{'AUC':>8}{'oracle':>8}{'gap':>8}{'UAUC':>8}{'oracle':>8}{'gap':>8}{'UAUC-w':>8}")
+    else:  # real data has no oracle
+        print(f"{'task':<10}{'AUC':>8}{'UAUC':>8}{'UAUC-w':>8}")
     for t in tasks:
-        auc, uauc = metrics[f"{t}/auc"], metrics[f"{t}/uauc"]
-        o = oracle.get(t, {})
-        oa, ou = o.get("auc", float("nan")), o.get("uauc", float("nan"))
+        auc, uauc, uauc_w = metrics[f"{t}/auc"], metrics[f"{t}/uauc"], metrics[f"{t}/uauc_weighted"]
+        if oracle:
+            o = oracle.get(t, {})
+            oa, ou = o.get("auc", float("nan")), o.get("uauc", float("nan"))
+            cells = (auc, oa, auc - oa, uauc, ou, uauc - ou, uauc_w)
+            print(f"{t:<10}" + "".join(f"{c:>8.4f}" for c in cells))
+        else:
+            print(f"{t:<10}{auc:>8.4f}{uauc:>8.4f}{uauc_w:>8.4f}")
+    if summary.get("collapsed"):
+        print(f"  COLLAPSED (constant predictions): {', '.join(summary['collapsed'])}")
+    if "selected_step" in summary:
         print(
-            f"{t:<10}{auc:>8.4f}{oa:>8.4f}{auc - oa:>8.4f}{uauc:>8.4f}{ou:>8.4f}{uauc - ou:>8.4f}"
-            f"{metrics[f'{t}/uauc_weighted']:>8.4f}"
+            f"  selected step {summary['selected_step']} of {summary['steps']} on validation "
+            f"({summary['early_stop']['metric']}); stopped: {summary['stop_reason']}"
         )
     if "test_dense_inference" in summary:  # Sparse-MoE: serving (sparse) vs all-experts (dense) inference
         dense = summary["test_dense_inference"]

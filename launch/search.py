@@ -250,11 +250,16 @@ def _trial_rows(study: optuna.Study, spec: ArchSearch) -> list[dict]:
 def write_tuned(
     path: Path, cfg: SweepConfig, arch: str, tuned: list[str], best: optuna.trial.FrozenTrial
 ) -> None:
+    """The recipe: every override the chosen trial trained with (the common ones, the arch's, the tuned
+    values), except the dataset choice (`data=`: the caller's, e.g. `make train DATA=... RECIPE=...`)
+    and display settings."""
+    recipe = [o for o in [*tuned, *cfg.overrides] if not o.startswith(("data=", "trainer.progress_bar="))]
     header = (
         f"# {cfg.name}: {arch}'s chosen overrides (trial {best.number}, valid {cfg.search.metric} "
-        f"{best.value:.4f}),\n# searched with the common overrides: {' '.join(cfg.overrides)}\n"
+        f"{best.value:.4f}), selected on the validation split.\n"
+        f"#   make train DATA=<the search's data> RECIPE={path.as_posix()}\n"
     )
-    path.write_text(header + yaml.safe_dump(tuned, default_flow_style=False, sort_keys=False))
+    path.write_text(header + yaml.safe_dump(recipe, default_flow_style=False, sort_keys=False))
 
 
 def describe(p: ParamSpec) -> str:

@@ -78,3 +78,13 @@ def test_model_config_from_a_mapping_names_unknown_keys():
         model_config_from_dict({"arch": "dcnv2", "dense": {"width": 32}})
     with pytest.raises(ValueError, match="model.arch: unknown arch 'dlrn'"):
         model_config_from_dict({"arch": "dlrn"})
+
+
+@pytest.mark.parametrize("recipe", sorted((CONF_DIR / "recipe").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_composes_for_its_dataset(recipe: Path):
+    # conf/recipe/<data>.yaml: the Makefile passes its "- key=value" lines as overrides (make train DATA=...)
+    overrides = [line[2:] for line in recipe.read_text().splitlines() if line.startswith("- ")]
+    assert overrides, recipe
+    data = [] if recipe.stem == "synthetic" else [f"data={recipe.stem}"]
+    cfg = compose_train(*data, *overrides)
+    assert cfg.data.schema["name"] == recipe.stem

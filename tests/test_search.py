@@ -189,7 +189,9 @@ def test_search_finishes_trials_resumes_from_its_journal_and_trains_the_best_set
     for name, overrides, _ in finals:
         assert name.startswith(f"a-trial{best['number']}-seed")
         assert overrides[-2:] == best["overrides"] == results["tuned"]
-    assert yaml.safe_load((out / "a.tuned.yaml").read_text()) == ["model=dlrm", *best["overrides"]]
+    # the recipe: everything the chosen trial trained with (the arch's, the tuned, the common overrides)
+    recipe = ["model=dlrm", *best["overrides"], "trainer.max_steps=30"]
+    assert yaml.safe_load((out / "a.tuned.yaml").read_text()) == recipe
     assert results["stats"]["finish/auc"][1] > 0 and results["params"] > 0  # 2 seeds: a spread
     readme = (out / "README.md").read_text()
     assert "| a | `" in readme and "## a" in readme and "| 2 | FAIL |" in readme and "4 / 0 / 1" in readme
