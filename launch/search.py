@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from optuna.trial import TrialState
 from launch import experiment
 from launch.sweep_config import ArchSearch, ParamSpec, SearchConfig, SweepConfig
 from launch.sweep_report import write_search_report
+from pipeline.early_stop import metric_value as selection_metric
 
 MAX_CONSECUTIVE_FAILURES = 3  # a broken arch config fails every trial: give up on the arch after this many
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -51,17 +51,12 @@ TRIAL_OVERRIDES = ["trainer.final_eval=false"]
 
 
 def metric_value(record: dict, metric: str) -> float | None:
-    """`record[metric]`; for mean_auc / mean_uauc the mean over tasks of "<task>/auc" / "<task>/uauc"
-    when the record predates the trainer writing them itself. None if the record cannot give it."""
-    value = record.get(metric)
-    if isinstance(value, int | float):
-        return float(value)
-    if metric in ("mean_auc", "mean_uauc"):
-        suffix = "/" + metric.removeprefix("mean_")
-        values = [float(v) for k, v in record.items() if k.endswith(suffix) and isinstance(v, int | float)]
-        if values:
-            return statistics.fmean(values)
-    return None
+    """The trainer's selection metric of a validation record (`pipeline.early_stop.metric_value`: the key,
+    or mean_auc / mean_uauc over the tasks); None if the record cannot give it (e.g. a train record)."""
+    try:
+        return float(selection_metric(record, metric))
+    except ValueError:
+        return None
 
 
 def read_valid_records(path: Path) -> list[dict]:
