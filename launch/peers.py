@@ -34,15 +34,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightgbm as lgb
 import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 import yaml
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+try:  # the peers are an optional extra, not part of the core install
+    import lightgbm as lgb
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+except ImportError as e:
+    missing = f"launch/peers.py needs the [peers] extra ({e.name} is missing)"
+    raise SystemExit(f"{missing}: pip install -e '.[peers]'") from None
 
 from data.auc import binary_auc, user_auc
 from data.schema import Schema
