@@ -62,6 +62,11 @@ def _complete(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def step_dir(root: Path, step: int) -> Path:
+    """The directory of the checkpoint of `step` under a checkpoints root (matches _STEP_DIR)."""
+    return root / f"step_{step:08d}"
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     return [p for _, p in _complete(root)]
@@ -77,8 +82,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     summary = p / "metrics.json"
     if summary.is_file():
         selected = json.loads(summary.read_text()).get("selected_step")
-        if selected is not None and (p / "checkpoints" / f"step_{selected:08d}" / "trainer.json").is_file():
-            return p / "checkpoints" / f"step_{selected:08d}"
+        if selected is not None and (step_dir(p / "checkpoints", selected) / "trainer.json").is_file():
+            return step_dir(p / "checkpoints", selected)
     for root in (p / "checkpoints", p):
         found = complete_checkpoints(root)
         if found:
@@ -94,7 +99,7 @@ class CheckpointManager:
         self.keep_step: int | None = None  # kept besides the last keep_last (the best validation step)
 
     def path(self, step: int) -> Path:
-        return self.root / f"step_{step:08d}"
+        return step_dir(self.root, step)
 
     def latest(self) -> Path | None:
         found = complete_checkpoints(self.root)
