@@ -83,6 +83,10 @@ class Schema:
     sparse: tuple[SparseFeature, ...]
     sequence: SequenceSpec | None
     groups: tuple[str, ...]
+    # Roles of groups (`roles:` in YAML): the groups that describe the candidate item and the user.
+    # model.sequence=longer builds its candidate / user global tokens from them.
+    candidate_groups: tuple[str, ...] = ()
+    user_groups: tuple[str, ...] = ()
     # derived lookups, filled in __post_init__ (not part of equality / repr)
     _by_name: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -175,6 +179,8 @@ class Schema:
             "sparse": [plain(f) for f in self.sparse],
             "sequence": None,
         }
+        if self.candidate_groups or self.user_groups:
+            d["roles"] = {"candidate": list(self.candidate_groups), "user": list(self.user_groups)}
         if self.sequence is not None:
             s = self.sequence
             d["sequence"] = {

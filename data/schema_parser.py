@@ -24,6 +24,7 @@ from data.schema import (
 _ON_MISSING = ("error", "fill")
 _SPARSE_POOLING = ("sum", "mean")
 _SEQUENCE_POOLING = ("mean", "sum", "none")
+_ROLES = ("candidate", "user")
 
 
 def parse_schema(d: Any, path: str = "schema") -> Schema:
@@ -40,7 +41,7 @@ class _Parser:
             d,
             path,
             required=("name", "labels", "user_id", "groups"),
-            optional=("dense", "sparse", "sequence"),
+            optional=("dense", "sparse", "sequence", "roles"),
         )
         name = self._str(d["name"], f"{path}.name")
         labels = self._names(d["labels"], f"{path}.labels", "label")
@@ -66,6 +67,7 @@ class _Parser:
         for i, g in enumerate(groups):
             if g not in used:
                 raise SchemaError(f"{path}.groups[{i}]: group {g!r} has no features")
+        roles = self.roles(d.get("roles") or {}, f"{path}.roles", groups)
         return Schema(
             name=name,
             labels=labels,
@@ -74,7 +76,26 @@ class _Parser:
             sparse=sparse,
             sequence=sequence,
             groups=groups,
+            candidate_groups=roles.get("candidate", ()),
+            user_groups=roles.get("user", ()),
         )
+
+    def roles(self, d: Any, path: str, groups: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+        """{role: groups}: `candidate` (the item being ranked) and `user` (who it is ranked for)."""
+        self._mapping(d, path, required=(), optional=_ROLES)
+        out = {}
+        for role in _ROLES:
+            if role in d:
+                names = tuple(
+                    self._group(g, f"{path}.{role}[{i}]", groups)
+                    for i, g in enumerate(self._list(d[role], f"{path}.{role}"))
+                )
+                self._unique(names, f"{path}.{role}", "group")
+                out[role] = names
+        both = set(out.get("candidate", ())) & set(out.get("user", ()))
+        if both:
+            raise SchemaError(f"{path}: group(s) {sorted(both)} cannot be both candidate and user")
+        return out
 
     def dense(self, d: Any, path: str, groups: tuple[str, ...]) -> DenseFeature:
         self._mapping(d, path, required=("name", "group"), optional=("column", "on_missing", "fill_value"))

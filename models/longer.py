@@ -78,9 +78,10 @@ class LongerConfig:
     output_gain: float = 0.1
     max_len: int = 2048  # longest sequence (positions are learned up to ceil(max_len / merge))
     recompute: list[bool] = field(default_factory=list)  # per layer; [] = none
-    # pipeline wiring: the semantic groups whose vectors form the candidate / user global tokens
-    candidate_groups: list[str] = field(default_factory=lambda: ["item", "author"])
-    user_groups: list[str] = field(default_factory=lambda: ["user"])
+    # pipeline wiring: the semantic groups whose vectors form the candidate / user global tokens; None =
+    # the schema's declared roles (`roles: {candidate: [...], user: [...]}`), the normal way to set them
+    candidate_groups: list[str] | None = None
+    user_groups: list[str] | None = None
     lr_scale: float = 1.0  # multiplier of the dense lr for the LONGER module's parameters
 
     def __post_init__(self) -> None:

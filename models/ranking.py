@@ -22,11 +22,11 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from data.batch import RecBatch
-from data.schema import Schema
+from data.schema import Schema, SchemaError
 from models.config import ModelConfig
 from models.dense_arch import DenseArch
 from models.feature_groups import FeatureGroups
-from models.longer import Longer, SequenceStates
+from models.longer import Longer, LongerConfig, SequenceStates
 from models.sparse_arch import SparseArch
 
 
@@ -39,6 +39,23 @@ def pool_jagged(jt: JaggedTensor, pooling: str) -> torch.Tensor:
     if pooling == "mean":
         out = out / lengths.clamp_min(1).unsqueeze(1).to(values.dtype)
     return out
+
+
+def longer_groups(schema: Schema, cfg: LongerConfig) -> tuple[list[str], list[str]]:
+    """(candidate groups, user groups) of LONGER's global tokens: model.longer's if set, else the schema's
+    declared roles. A candidate token is required (it is what target attention attends for)."""
+    candidate = list(schema.candidate_groups) if cfg.candidate_groups is None else list(cfg.candidate_groups)
+    user = list(schema.user_groups) if cfg.user_groups is None else list(cfg.user_groups)
+    if not candidate:
+        raise SchemaError(
+            f"schema {schema.name!r}: model.sequence=longer needs the groups that describe the candidate "
+            f"item; declare them in the schema, e.g. `roles: {{candidate: [item], user: [user]}}` "
+            f"(groups: {', '.join(schema.groups)}), or set model.longer.candidate_groups"
+        )
+    for g in (*candidate, *user):
+        if g not in schema.groups:
+            raise SchemaError(f"model.longer: unknown group {g!r} (groups: {', '.join(schema.groups)})")
+    return candidate, user
 
 
 class RankingModel(nn.Module):
@@ -69,15 +86,15 @@ class RankingModel(nn.Module):
             loose_keys = [name for name, _ in self.pooled_unpooled]
             base = FeatureGroups(schema, dense_proj_dim, group_keys, loose_keys=loose_keys)  # widths only
             width = dict(zip(base.groups, base.group_dims))
-            for g in (*longer_cfg.candidate_groups, *longer_cfg.user_groups):
-                if g not in schema.groups:
-                    raise ValueError(f"model.longer: unknown group {g!r} (groups: {list(schema.groups)})")
+            candidate_groups, user_groups = longer_groups(schema, longer_cfg)
             seq_dims = {n: t["embedding_dim"] for t in schema.tables().values() for n in t["feature_names"]}
             longer_cfg = dataclasses.replace(
                 longer_cfg,
+                candidate_groups=candidate_groups,
+                user_groups=user_groups,
                 item_dim=sum(seq_dims[n] for n in self.seq_features),
-                candidate_dim=sum(width.get(g, 0) for g in longer_cfg.candidate_groups),
-                user_dim=sum(width.get(g, 0) for g in longer_cfg.user_groups),
+                candidate_dim=sum(width.get(g, 0) for g in candidate_groups),
+                user_dim=sum(width.get(g, 0) for g in user_groups),
                 max_len=schema.sequence.max_len,
             )
             self.sequence_arch = Longer(longer_cfg)

@@ -196,3 +196,22 @@ def test_embedding_l2_adds_the_mean_squared_norm_of_the_looked_up_embeddings(tmp
     torch.testing.assert_close(out.aux_loss, 0.1 * sq / 4)
     eval_loss, _ = RankingTrainWrapper(model, embedding_l2=0.1).eval()(batch)  # a training term only
     torch.testing.assert_close(eval_loss, plain_loss)
+
+
+def test_longer_tokens_come_from_the_schema_roles_and_a_missing_role_is_a_schema_error():
+    no_groups = {k: v for k, v in LONGER.items() if not k.endswith("_groups")}
+    cfg = model_config_from_dict(
+        {"arch": "rankmixer", "dense": {"num_tokens": 2, "dim": 8}, "sequence": "longer", "longer": no_groups}
+    )
+    needs_roles = r"schema 'seq': model.sequence=longer needs .* `roles: \{candidate"
+    with pytest.raises(SchemaError, match=needs_roles):
+        RankingModel(SCHEMA, cfg)
+    with_roles = Schema.from_dict({**SCHEMA.to_dict(), "roles": {"candidate": ["item"], "user": ["user"]}})
+    model = RankingModel(with_roles, cfg)
+    assert (model.longer_cfg.candidate_groups, model.longer_cfg.user_groups) == (["item"], ["user"])
+    assert (model.longer_cfg.candidate_dim, model.longer_cfg.user_dim) == (8, 8 + 16)  # u + dense proj
+    assert Schema.from_dict(with_roles.to_dict()) == with_roles  # roles round-trip
+    with pytest.raises(SchemaError, match=r"schema.roles.candidate\[0\]: unknown group 'author'"):
+        Schema.from_dict({**SCHEMA.to_dict(), "roles": {"candidate": ["author"]}})
+    with pytest.raises(SchemaError, match=r"schema.roles.owner: unknown key"):
+        Schema.from_dict({**SCHEMA.to_dict(), "roles": {"owner": ["user"]}})
