@@ -5,6 +5,8 @@
 - Value checks (`Decoder`, per row group as it is decoded): null labels, labels not 0/1, NaN dense with
   on_missing=error, ids out of range with hash=false, misaligned sequence columns. Every problem raises
   DataError naming the file, row group, column and offending value.
+- TorchRec is imported only where a KJT / RecBatch is built, so the TorchRec-free serving Predictor
+  (pipeline/predictor.py) decodes with exactly the training checks.
 - Conversion is vectorised: list columns become KJT values/lengths from Arrow offsets with numpy
   gathers, no per-row Python. A decoded row group is a `Chunk`, which the reader slices, permutes,
   concatenates and turns into RecBatches.
@@ -15,18 +17,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.batch import RecBatch
 from data.hashing import hash_ids
 from data.schema import Schema, SequenceFeature, SparseFeature
+
+if TYPE_CHECKING:
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from data.batch import RecBatch
 
 
 class DataError(ValueError):
@@ -90,6 +95,9 @@ class Chunk:
 
     def kjt(self, keys: Sequence[str], wanted: Sequence[str]) -> KeyedJaggedTensor:
         """The KJT of the `wanted` keys (in that order); `keys` names self.offsets / self.values."""
+        # imported here, not at the top: the serving Predictor decodes without TorchRec
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
         index = [list(keys).index(k) for k in wanted]
         lengths = np.concatenate([np.diff(self.offsets[i]) for i in index])  # key-major, (K * B,)
         values = np.concatenate([self.values[i] for i in index])
@@ -101,6 +109,8 @@ class Chunk:
         self, keys: Sequence[str], mask: np.ndarray, split: tuple[Sequence[str], Sequence[str]] | None = None
     ) -> RecBatch:
         """`split` = (pooled keys, unpooled keys): two KJTs, `sparse` and `sequence`; None: one KJT."""
+        from data.batch import RecBatch  # not at import: serving (pipeline/predictor.py) needs no TorchRec
+
         sparse_keys, sequence_keys = split if split is not None else (keys, ())
         return RecBatch(
             dense=torch.from_numpy(np.ascontiguousarray(self.dense)),
@@ -129,14 +139,14 @@ def _is_int_list(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_int(t.value_type)
 
 
-def _expected_types(schema: Schema) -> dict[str, tuple[str, Any]]:
+def _expected_types(schema: Schema, labels: bool = True) -> dict[str, tuple[str, Any]]:
     """column -> (description, predicate on the Arrow type)."""
     numeric = (
         "a number (int or float)",
         lambda t: _is_int(t) or pa.types.is_floating(t) or pa.types.is_boolean(t),
     )
     out: dict[str, tuple[str, Any]] = {}
-    for lab in schema.labels:
+    for lab in schema.labels if labels else ():
         out[lab] = numeric
     out[schema.user_id] = ("an integer", _is_int)
     for f in schema.dense:
@@ -155,12 +165,17 @@ def open_parquet(path: Path) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable Parquet file (corrupt or truncated?): {e}") from e
 
 
-def check_file(path: Path, pf: pq.ParquetFile, schema: Schema) -> None:
+def check_file(
+    path: Path, pf: pq.ParquetFile, schema: Schema, labels: bool = True, extra: Sequence[str] = ()
+) -> None:
+    """Every column the schema reads (without the labels if `labels=False`) and the `extra` columns
+    (any type) exist, with the expected types."""
     md = pf.metadata
     if md.num_rows == 0 or md.num_row_groups == 0:
         raise DataError(f"{path}: empty Parquet file ({md.num_rows} rows, {md.num_row_groups} row groups)")
     arrow = pf.schema_arrow
-    for col, (want, ok) in _expected_types(schema).items():
+    anything = ("any type", lambda t: True)
+    for col, (want, ok) in {**{c: anything for c in extra}, **_expected_types(schema, labels)}.items():
         idx = arrow.get_field_index(col)
         if idx < 0:
             raise DataError(
@@ -175,17 +190,18 @@ def check_file(path: Path, pf: pq.ParquetFile, schema: Schema) -> None:
 class Decoder:
     """Validates one row group's Arrow table and turns it into a Chunk."""
 
-    def __init__(self, schema: Schema) -> None:
+    def __init__(self, schema: Schema, labels: bool = True) -> None:
         self.schema = schema
+        self.labels = labels  # False: scoring data without label columns; labels decode as 0
         self.jagged: list[SparseFeature | SequenceFeature] = [*schema.sparse, *schema.sequence_features]
 
     def __call__(self, table: pa.Table, where: str) -> Chunk:
         s = self.schema
         n = table.num_rows
-        col = {name: table.column(name).combine_chunks() for name in s.columns()}
+        col = {name: table.column(name).combine_chunks() for name in s.columns(self.labels)}
 
-        labels = np.empty((n, len(s.labels)), dtype=np.float32)  # (n, T)
-        for j, lab in enumerate(s.labels):
+        labels = np.zeros((n, len(s.labels)), dtype=np.float32)  # (n, T)
+        for j, lab in enumerate(s.labels if self.labels else ()):
             arr = col[lab]
             self._no_nulls(arr, where, lab)
             v = arr.to_numpy(zero_copy_only=False).astype(np.float32)

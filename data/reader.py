@@ -49,6 +49,7 @@ class _RowGroup:
     file: int  # index into reader.files
     index: int  # row group index in the file
     rows: int
+    first_row: int  # position of its first row in the split (files in name order, row groups in order)
 
 
 _END = object()
@@ -75,6 +76,8 @@ class ParquetReader:
         policy: str = "drop_last",
         prefetch: int = 4,
         split_keys: tuple[Sequence[str], Sequence[str]] | None = None,
+        labels: bool = True,
+        extra_columns: Sequence[str] = (),
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -92,14 +95,18 @@ class ParquetReader:
         # windows are whole batches so that batch k always lies in window k * B // window
         self.window = max(1, shuffle_buffer // batch_size) * batch_size if shuffle else batch_size
         self.files = _list_files(files_or_dir)
-        self._decode = Decoder(schema)
+        self.labels = labels
+        self._decode = Decoder(schema, labels)
 
         pairs: list[_RowGroup] = []
+        first_row = 0
         for i, path in enumerate(self.files):
             pf = open_parquet(path)
-            check_file(path, pf, schema)
+            check_file(path, pf, schema, labels, extra_columns)
             md = pf.metadata
-            pairs += [_RowGroup(i, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
+            for g in range(md.num_row_groups):
+                pairs.append(_RowGroup(i, g, md.row_group(g).num_rows, first_row))
+                first_row += md.row_group(g).num_rows
         self._all_pairs = pairs  # sorted: files sorted, row groups in file order
         self._pairs = pairs[rank::world_size]
         rows = [sum(p.rows for p in pairs[r::world_size]) for r in range(world_size)]
@@ -115,6 +122,11 @@ class ParquetReader:
         self._epoch = 0
         self._yielded = 0  # batches handed to the consumer this epoch
         self._resume_from = 0
+
+    def shard_row_groups(self) -> list[tuple[Path, int, int, int]]:
+        """This rank's row groups as (file, row group index, rows, first row's position in the split), in
+        the order an unshuffled reader yields their rows."""
+        return [(self.files[p.file], p.index, p.rows, p.first_row) for p in self._pairs]
 
     # ---------------------------------------------------------------- state
     def __len__(self) -> int:
@@ -176,7 +188,7 @@ class ParquetReader:
         if pair.file not in handles:
             handles[pair.file] = open_parquet(path)
         try:
-            table = handles[pair.file].read_row_group(pair.index, columns=self.schema.columns())
+            table = handles[pair.file].read_row_group(pair.index, columns=self.schema.columns(self.labels))
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{where}: cannot decode (corrupt or truncated file?): {e}") from e
         return self._decode(table, where)

@@ -156,9 +156,10 @@ class Schema:
             return self.sequence.group
         return f.group
 
-    def columns(self) -> list[str]:
-        """Every Parquet column the reader needs, each once, in a stable order."""
-        cols = [*self.labels, self.user_id]
+    def columns(self, labels: bool = True) -> list[str]:
+        """Every Parquet column the reader needs, each once, in a stable order (`labels=False`: scoring
+        data, which need not have the label columns)."""
+        cols = [*(self.labels if labels else ()), self.user_id]
         cols += [f.column for f in self.dense]
         cols += [f.column for f in self.sparse]
         cols += [f.column for f in self.sequence_features]

@@ -1,6 +1,7 @@
 """Hydra's ConfigStore filled by a function, called by each entry point (never on import).
 
-Nodes: `train_schema` (pipeline.config.TrainConfig), `eval_schema` (EvalConfig), and per dense arch
+Nodes: `train_schema` (pipeline.config.TrainConfig), `eval_schema` (EvalConfig), `predict_schema`
+(PredictConfig), `export_schema` (ExportConfig), and per dense arch
 `model/<arch>_base`: the typed `ModelConfig` whose `dense` is that arch's config dataclass, which every
 preset in conf/model/ extends through its defaults list.
 """
@@ -25,12 +26,14 @@ def register_model_configs() -> None:
 
 
 def register_configs() -> None:
-    """Every node the train and eval configs (conf/train.yaml, conf/eval.yaml) compose from."""
-    from pipeline.config import EvalConfig, TrainConfig
+    """Every node the train, eval and predict configs (conf/{train,eval,predict}.yaml) compose from."""
+    from pipeline.config import EvalConfig, ExportConfig, PredictConfig, TrainConfig
 
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="predict_schema", node=PredictConfig)
+    store.store(name="export_schema", node=ExportConfig)
     register_model_configs()
 
 

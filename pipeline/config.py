@@ -152,6 +152,31 @@ class EvalConfig:
     max_batches: int = -1
 
 
+@dataclass
+class PredictConfig:
+    """launch/predict.py: score `data.root/data.split` with a checkpoint (pipeline/predict_job.py)."""
+
+    checkpoint: str = "???"  # a checkpoint dir or a run dir (its selected / latest checkpoint)
+    out: str = "???"  # the output directory of Parquet parts (written atomically)
+    data: DataConfig = field(default_factory=DataConfig)  # root / split / eval_batch_size (schema: the run's)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    passthrough: list[str] = field(default_factory=list)  # input columns copied next to the scores
+    overwrite: bool = False  # replace an existing `out`
+
+
+@dataclass
+class ExportConfig:
+    """launch/export.py: a checkpoint -> a self-contained inference artifact (pipeline/export.py)."""
+
+    checkpoint: str = "???"  # a checkpoint dir or a run dir (its selected / latest checkpoint)
+    out: str = "???"  # the artifact directory (written atomically)
+    quantize: str = "none"  # embedding rows: none (fp32) | fp16 | int8 (row-wise, per-row scale + bias)
+    data_root: str | None = None  # rows for the parity check; None: the run's data.root
+    split: str = "test"
+    parity_rows: int = 2048
+    overwrite: bool = False
+
+
 def load_train_config(path: Path) -> TrainConfig:
     """A run's saved `config.yaml` (in its run dir and in each checkpoint), typed and validated like the
     Hydra config it was written from."""

@@ -8,6 +8,7 @@ batches and ranks, and each of its `inference_modes()` is evaluated besides the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,9 +18,24 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from data.reader import ParquetReader
 from models.collectives import mean_over_ranks
+from models.ranking import RankingOutput
 from pipeline.files import write_atomic
 from pipeline.job import dense_arch
 from pipeline.metrics import ExactAUCEvaluator
+
+
+def batch_outputs(
+    model: DistributedModelParallel, reader: ParquetReader, device: torch.device, n: int
+) -> Iterator[RankingOutput]:
+    """The model's output on the reader's first `n` batches (every rank must run the same n: the sharded
+    lookups are collectives); the reader's prefetch thread is stopped however the loop ends."""
+    batches = iter(reader)
+    try:
+        for _ in range(n):
+            yield model(next(batches).to(device, non_blocking=True))[1]
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()
 
 
 @torch.no_grad()
@@ -41,10 +57,7 @@ def evaluate(
     preds: list[dict[str, torch.Tensor]] = []
     stat_sums: dict[str, float] = {}
     n = len(reader) if max_batches < 0 else min(max_batches, len(reader))
-    batches = iter(reader)
-    for _ in range(n):
-        batch = next(batches).to(device, non_blocking=True)
-        _, out = model(batch)
+    for out in batch_outputs(model, reader, device, n):
         evaluator.update(out.logits, out.labels, out.user_id, out.mask)
         for k, v in arch.eval_stats().items():
             stat_sums[k] = stat_sums.get(k, 0.0) + v
@@ -57,8 +70,6 @@ def evaluate(
                     "scores": torch.sigmoid(out.logits[m]).cpu(),
                 }
             )
-    if hasattr(batches, "close"):
-        batches.close()
     metrics = evaluator.compute()
     for name in ("auc", "uauc"):  # the default model-selection metrics (trainer.early_stop.metric)
         metrics[f"mean_{name}"] = sum(metrics[f"{t}/{name}"] for t in task_names) / len(task_names)

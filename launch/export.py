@@ -1,0 +1,43 @@
+"""Export: `python launch/export.py checkpoint=<run dir or checkpoint> out=<dir> [quantize=int8]`.
+
+Writes a self-contained inference artifact (pipeline/export.py) and prints its parity against the
+training model and its size; `pipeline.predictor.Predictor(out)` scores with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from launch.cli import exit_on_user_error
+from launch.configs import register_configs
+from pipeline.checkpoint import resolve_checkpoint
+from pipeline.config import ExportConfig, reject_unknown_keys
+from pipeline.export import export
+from pipeline.run_log import setup_logging
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="export")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    reject_unknown_keys(cfg)
+    c: ExportConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    setup_logging(0)
+    out = Path(c.out)
+    manifest = export(
+        resolve_checkpoint(c.checkpoint), out, c.quantize, c.data_root, c.split, c.parity_rows, c.overwrite
+    )
+    size = sum(f.stat().st_size for f in out.iterdir())
+    parity = manifest["parity"]
+    print(
+        f"export: {out} ({size / 2**20:.1f} MiB, embeddings {c.quantize}, programs "
+        f"{', '.join(manifest['programs'])}); parity on {parity['rows']} {parity['split']} rows: "
+        f"max |logit - training model's| = {parity['max_abs_logit_diff']:.2e}"
+    )
+
+
+if __name__ == "__main__":
+    register_configs()
+    main()

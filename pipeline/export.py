@@ -1,0 +1,329 @@
+"""`export(checkpoint, out, quantize)`: a (sharded) training checkpoint -> a self-contained inference
+artifact that `pipeline.predictor.Predictor` loads with plain PyTorch (no TorchRec, no FBGEMM).
+
+What the artifact holds (`<out>/`):
+- `embeddings.pt`: every embedding table gathered whole (DCP reshards the saved shards into one process),
+  as fp32, fp16, or int8 rows with a per-row fp32 scale and bias (FBGEMM's 8-bit row-wise layout: row =
+  q * scale + bias, scale = (max - min) / 255, bias = min). Quantizing in plain torch keeps the artifact
+  loadable where TorchRec / FBGEMM are not installed (a serving host, the GPU box of this project); the
+  lookups are a gather and a segment sum, which is all a CPU scorer needs.
+- `dense.pt2`: the dense path (feature groups -> sequence module -> dense arch -> logits) exported with
+  `torch.export`, batch size (and sequence length) dynamic, computed as at serving: Sparse-MoE with its
+  sparse-inference routing, LONGER's full forward.
+- LONGER only: `encode_user.pt2` and `score_candidates.pt2`, the KV-cache serving path (the paper's
+  section on LONGER serving): a user's sequence is encoded once, then each candidate costs only the global
+  queries against the cached keys / values.
+- `manifest.json`: the schema, the feature -> table -> pooling wiring, the dense path's column layout,
+  and the parity check export ran against the training model (max |logit difference| on real rows).
+
+A program that does not trace is an error naming the program and torch.export's first line, never a
+silent fallback to pickled Python code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.export import Dim
+
+from data.batch import RecBatch
+from data.reader import ParquetReader
+from data.schema import Schema
+from models.longer import SequenceStates
+from models.ranking import RankingModel, RankingTrainWrapper
+from models.sparse_arch import input_keys
+from pipeline.config import TrainConfig
+from pipeline.eval_job import load_run_config
+from pipeline.files import write_json_atomic
+from pipeline.job import split_dir
+from pipeline.predictor import FORMAT_VERSION, MANIFEST, QUANTIZE, Predictor, quantize_rows
+
+log = logging.getLogger(__name__)
+TRACE_ROWS = 37
+
+
+class ExportError(ValueError):
+    """A model part that torch.export cannot capture; the message names the part and the cause."""
+
+
+def load_unsharded(checkpoint: Path) -> tuple[RankingModel, TrainConfig, Schema]:
+    """The trained RankingModel in this one process, every table whole, in eval mode."""
+    cfg = load_run_config(checkpoint)
+    schema = Schema.from_dict(cfg.data.schema)
+    model = RankingModel(schema, cfg.model, dense_proj_dim=cfg.trainer.dense_proj_dim)
+    wrapper = RankingTrainWrapper(model)  # the module the checkpoint's "model" entry was saved from
+    state = {"model": wrapper.state_dict()}
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    wrapper.load_state_dict(state["model"])
+    return model.eval(), cfg, schema
+
+
+@dataclasses.dataclass(frozen=True)
+class Wiring:
+    """How the Predictor feeds the dense path: the pooled columns in order, each (feature, table,
+    pooling, dim); the sequence features (LONGER) and their tables."""
+
+    pooled: list[tuple[str, str, str, int]]
+    sequence: list[tuple[str, str]]
+
+
+def wiring(model: RankingModel, schema: Schema) -> Wiring:
+    """Column order of the dense path's pooled input: per group (schema order), the group's bag-pooled
+    features (the sparse arch's key order), then its features pooled after an unpooled lookup (LONGER's
+    shared tables): exactly the order `FeatureGroups.parts` concatenates them in."""
+    fg = model.feature_groups
+    ebc = model.sparse_arch.embedding_bag_collection
+    table_of, pooling_of = {}, {}
+    for c in ebc.embedding_bag_configs():
+        for f in c.feature_names:
+            table_of[f], pooling_of[f] = c.name, c.pooling.name.lower()
+    loose_pooling = dict(model.pooled_unpooled)
+    if model.sparse_arch.embedding_collection is not None:
+        for c in model.sparse_arch.embedding_collection.embedding_configs():
+            for f in c.feature_names:
+                table_of[f] = c.name
+    dims = {n: t["embedding_dim"] for t in schema.tables().values() for n in t["feature_names"]}
+    pooled = []
+    for g in fg.groups:
+        for name in fg.emb_features[g]:
+            pooled.append((name, table_of[name], pooling_of[name], dims[name]))
+        for name in fg.loose_features[g]:
+            pooled.append((name, table_of[name], loose_pooling[name], dims[name]))
+    seq = [(f, table_of[f]) for f in getattr(model, "seq_features", [])] if model.sequence_arch else []
+    return Wiring(pooled, seq)
+
+
+class DensePath(nn.Module):
+    """The trained model after its embedding lookups: dense (B, Nd) + pooled (B, W) [+ sequence items
+    (N, d_item), lengths (B,)] -> logits (B, T). Reuses the trained submodules; only the regroup of the
+    pooled embeddings (TorchRec's KeyedTensor) becomes a column selection."""
+
+    def __init__(self, model: RankingModel, wire: Wiring) -> None:
+        super().__init__()
+        # The modules after the lookups are registered here; the RankingModel is only referenced (not a
+        # submodule), or its embedding tables would be saved a second time inside the .pt2.
+        self.feature_groups, self.sequence_arch, self.dense_arch = (
+            model.feature_groups,
+            model.sequence_arch,
+            model.dense_arch,
+        )
+        self.__dict__["model"] = model
+        fg = model.feature_groups
+        start, cols = 0, {}
+        for name, _, _, dim in wire.pooled:
+            cols[name] = list(range(start, start + dim))
+            start += dim
+        self.groups = [g for g in fg.groups if fg.emb_features[g] or fg.loose_features[g]]
+        for g in self.groups:
+            idx = [c for n in (*fg.emb_features[g], *fg.loose_features[g]) for c in cols[n]]
+            self.register_buffer(f"cols_{g}", torch.tensor(idx), persistent=False)
+
+    def parts(self, dense: torch.Tensor, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{group: (B, w_g)}: as FeatureGroups.parts (embeddings, then the projected dense features)."""
+        fg = self.model.feature_groups
+        dense = torch.sign(dense) * torch.log1p(torch.abs(dense))  # models.feature_groups.signed_log
+        out = {}
+        for g in fg.groups:
+            pieces = [pooled.index_select(1, getattr(self, f"cols_{g}"))] if g in self.groups else []
+            if g in fg.dense_proj:
+                pieces.append(fg.dense_proj[g](dense.index_select(1, getattr(fg, f"dense_idx_{g}"))))
+            if pieces:
+                out[g] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        return out
+
+    def forward(self, dense: torch.Tensor, pooled: torch.Tensor, *sequence: torch.Tensor) -> torch.Tensor:
+        parts = self.parts(dense, pooled)
+        m = self.model
+        if m.sequence_arch is None:
+            return m.dense_arch(m.feature_groups.assemble(parts, {}))  # (B, T)
+        items, lengths = sequence
+        e_s = m.sequence_arch(items, lengths, *m._global_inputs(parts))  # (B, G, D)
+        return m._dense_logits(parts, e_s)
+
+
+class EncodeUser(nn.Module):
+    """LONGER's candidate-independent half: items (N, d_item), lengths (U,) -> the flat cached states."""
+
+    def __init__(self, model: RankingModel) -> None:
+        super().__init__()
+        self.sequence_arch = model.sequence_arch
+
+    def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s = self.sequence_arch.sequence_states(items, lengths)
+        return (*s.keys, *s.values, *s.valid, s.recent)
+
+
+class ScoreCandidates(nn.Module):
+    """dense (N, Nd) + pooled (N, W) + user_index (N,) + the cached states of U users -> logits (N, T)."""
+
+    def __init__(self, path: DensePath) -> None:
+        super().__init__()
+        self.path = path
+        self.layers = path.model.sequence_arch.cfg.num_layers
+
+    def forward(
+        self, dense: torch.Tensor, pooled: torch.Tensor, user_index: torch.Tensor, *cache: torch.Tensor
+    ) -> torch.Tensor:
+        L = self.layers
+        keys, values, valid = (list(cache[i * L : (i + 1) * L]) for i in range(3))
+        states = SequenceStates(keys, values, valid, cache[-1])
+        m = self.path.model
+        parts = self.path.parts(dense, pooled)
+        candidate, user = m._global_inputs(parts)
+        longer = m.sequence_arch
+        e_s = longer.global_outputs(longer.globals_of(candidate, user), states.index_select(user_index))
+        return m._dense_logits(parts, e_s)
+
+
+def _export(name: str, module: nn.Module, args: tuple, dynamic: Any, path: Path) -> None:
+    try:
+        program = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
+    except Exception as e:  # torch.export's errors are long; the first line names the failing construct
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"export: {name} does not trace with torch.export: {first}") from e
+    torch.export.save(program, str(path))
+
+
+def _first_rows(cfg: TrainConfig, schema: Schema, data_root: str, split: str, rows: int) -> RecBatch:
+    """The first `rows` rows of `split` (files in name order; all of them if fewer) as the training model
+    takes them."""
+
+    def reader(batch_size: int) -> ParquetReader:
+        return ParquetReader(
+            split_dir(data_root, split),
+            schema,
+            batch_size=batch_size,
+            shuffle=False,
+            policy="pad",
+            prefetch=0,
+            split_keys=input_keys(schema, cfg.model.sequence),
+            labels=False,
+        )
+
+    r = reader(rows)
+    if r.num_rows < rows:
+        r = reader(r.num_rows)
+    if r.num_rows < TRACE_ROWS:
+        raise ValueError(f"export: {split_dir(data_root, split)} has {r.num_rows} rows; need >= {TRACE_ROWS}")
+    return next(iter(r))
+
+
+def export(
+    checkpoint: Path,
+    out: Path,
+    quantize: str = "none",
+    data_root: str | None = None,
+    split: str = "test",
+    parity_rows: int = 2048,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the artifact to `out` (atomically: a hidden temp dir renamed at the end); returns the
+    manifest. The parity check scores `parity_rows` real rows of `<data_root>/<split>` (default: the
+    run's data root) with both the training model and the loaded artifact."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZE)}")
+    if out.exists() and not overwrite:
+        raise ValueError(f"out={out} exists; choose another out or pass overwrite=true to replace it")
+    model, cfg, schema = load_unsharded(checkpoint)
+    wire = wiring(model, schema)
+    batch = _first_rows(cfg, schema, data_root or cfg.data.root, split, parity_rows)
+
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        tables = {name: t.weight.detach() for name, t in _tables(model).items()}
+        torch.save({name: quantize_rows(w, quantize) for name, w in tables.items()}, tmp / "embeddings.pt")
+        manifest = {
+            "format": FORMAT_VERSION,
+            "checkpoint": str(checkpoint),
+            "arch": cfg.model.arch,
+            "sequence": cfg.model.sequence,
+            "quantize": quantize,
+            "schema": schema.to_dict(),
+            "tasks": list(schema.labels),
+            "pooled": [list(p) for p in wire.pooled],
+            "sequence_features": [list(s) for s in wire.sequence],
+            "programs": ["dense.pt2"],
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+        # the programs are traced on the Predictor's own inputs for these rows, so export and serving
+        # agree on every shape and dtype
+        lookups = Predictor(tmp, load_programs=False)
+        table = batch_table(schema, data_root or cfg.data.root, split, batch.batch_size)
+        # A small example batch: ExportedProgram keeps its example inputs in the .pt2; TRACE_ROWS is an
+        # odd size no model dimension equals, so the batch and item dims stay symbolic.
+        inputs = lookups.inputs(table.slice(0, TRACE_ROWS))
+        path = DensePath(model, wire).eval()
+        B = Dim("batch", min=1)
+        dense_dyn: dict[str, Any] = {"dense": {0: B}, "pooled": {0: B}}
+        if wire.sequence:
+            N = Dim("items", min=0)
+            seq_args = (inputs.items, inputs.lengths)
+            dynamic = {**dense_dyn, "sequence": ({0: N}, {0: B})}
+        else:
+            seq_args, dynamic = (), dense_dyn
+        with torch.no_grad():
+            _export("dense path", path, (inputs.dense, inputs.pooled, *seq_args), dynamic, tmp / "dense.pt2")
+            if wire.sequence:
+                U = Dim("users", min=1)
+                enc = EncodeUser(model).eval()
+                enc_dyn = {"items": {0: N}, "lengths": {0: U}}
+                _export("encode_user", enc, seq_args, enc_dyn, tmp / "encode_user.pt2")
+                cache = enc(*seq_args)
+                user_index = torch.arange(inputs.dense.shape[0])
+                cache_dyn = tuple({0: U} for _ in cache)
+                _export(
+                    "score_candidates",
+                    ScoreCandidates(path).eval(),
+                    (inputs.dense, inputs.pooled, user_index, *cache),
+                    {"dense": {0: B}, "pooled": {0: B}, "user_index": {0: B}, "cache": cache_dyn},
+                    tmp / "score_candidates.pt2",
+                )
+                manifest["programs"] += ["encode_user.pt2", "score_candidates.pt2"]
+            # parity: the training model (TorchRec lookups, eager) vs the artifact, on the same rows
+            wrapper = RankingTrainWrapper(model).eval()
+            reference = wrapper(batch)[1].logits
+        manifest["parity"] = {"split": split, "rows": int(batch.batch_size)}
+        write_json_atomic(tmp / MANIFEST, manifest)
+        served = Predictor(tmp).logits(lookups.inputs(table))
+        manifest["parity"]["max_abs_logit_diff"] = float((served - reference).abs().max())
+        write_json_atomic(tmp / MANIFEST, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _tables(model: RankingModel) -> dict[str, nn.Module]:
+    """Every embedding table module of the sparse arch by table name (bags and unpooled)."""
+    sa = model.sparse_arch
+    out = dict(sa.embedding_bag_collection.embedding_bags.items())
+    if sa.embedding_collection is not None:
+        out.update(sa.embedding_collection.embeddings.items())
+    return out
+
+
+def batch_table(schema: Schema, root: str, split: str, rows: int):
+    """The first `rows` rows of a split, files in name order, as one Arrow table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables, have = [], 0
+    for f in sorted(split_dir(root, split).glob("*.parquet")):
+        t = pq.read_table(f, columns=schema.columns(labels=False))
+        tables.append(t.slice(0, rows - have))
+        have += tables[-1].num_rows
+        if have >= rows:
+            break
+    return pa.concat_tables(tables)
