@@ -8,11 +8,14 @@
     longer  LONGER sequence module: cost vs sequence length against full causal self-attention over the
             raw sequence (FLOPs, training samples/s, activation memory with/without recomputation), and
             KV-cache serving (candidates/s with and without the cache, 1/16/128 candidates per user).
+    serving Exported inference artifacts (launch/export.py) scoring a Parquet split in one process: rows/s,
+            size, AUC, fp32 vs fp16 / int8 embeddings (launch/bench_serving.py).
 
 Examples:
     python launch/bench.py dense --preset rankmixer_small --batch-size 512 --steps 20 --device cpu
     python launch/bench.py moe --preset rankmixer_small_smoe --batch-size 512 --ratios 1,0.5,0.25,0.125
     python launch/bench.py longer --lengths 256,1024,2048 --batch-size 32
+    python launch/bench.py serving --artifacts out/fp32,out/int8 --data datasets/synthetic/test
 
 Imports torch only, never torchrec, so it runs on any GPU box with torch; a preset is composed by Hydra
 (launch/configs.py), so a box without hydra-core / omegaconf / antlr4-python3-runtime needs their wheels.
@@ -38,6 +41,7 @@ import torch  # noqa: E402
 
 from data.loader_bench import add_arguments as add_loader_arguments  # noqa: E402
 from launch.bench_longer import cmd_longer  # noqa: E402
+from launch.bench_serving import add_arguments as add_serving_arguments  # noqa: E402
 from launch.timing import measure_gemm_peak, measure_training, time_inference, write_json  # noqa: E402
 from models.mlp_baseline import MLPBaseline  # noqa: E402
 from models.rankmixer import RankMixer, RankMixerConfig  # noqa: E402
@@ -280,7 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     loader = sub.add_parser("loader", help="Parquet reader -> RecBatch throughput (rows/s) on one core")
     add_loader_arguments(loader)
     loader.set_defaults(func=cmd_loader)
+
+    serving = sub.add_parser("serving", help="exported artifacts: rows/s, size, AUC (fp32 vs fp16 / int8)")
+    add_serving_arguments(serving)
+    serving.set_defaults(func=cmd_serving)
     return parser
+
+
+def cmd_serving(args: argparse.Namespace) -> dict:
+    from launch.bench_serving import bench_serving  # pyarrow + the predictor: not needed by `dense`
+
+    return bench_serving(args)
 
 
 def cmd_loader(args: argparse.Namespace) -> dict:
