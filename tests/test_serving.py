@@ -112,6 +112,21 @@ def test_predict_bad_input_is_one_line_and_leaves_no_output(dataset: Path, train
     assert errors == [f"error [rank 0]: DataError: {missing}"]
     assert not out.exists() and not list(tmp_path.glob(".pred.tmp-*"))
 
+    # data that does not match the checkpoint's schema: ids of the wrong type, ids out of the table's range
+    for name, column in (
+        ("float_ids", pa.array([1.5] * part.num_rows)),
+        ("big_ids", pa.array([10**7] * part.num_rows)),
+    ):
+        (tmp_path / name / "test").mkdir(parents=True)
+        edited = part.set_column(part.column_names.index("item_id"), "item_id", column)
+        pq.write_table(edited, tmp_path / name / "test" / "p.parquet")
+        proc = run(predict_cmd(trained["rankmixer"], tmp_path / name, out, nproc=1))
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+        expected = {"float_ids": "'item_id' (row group: all) has type double, expected an integer",
+                    "big_ids": "column 'item_id': id 10000000 outside [0, 50000) (row 0)"}[name]  # fmt: skip
+        assert proc.returncode != 0 and len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+        assert not out.exists() and not list(tmp_path.glob(".pred.tmp-*"))
+
     # an existing `out` is never replaced unless asked
     out.mkdir()
     (out / "keep.txt").write_text("mine")
