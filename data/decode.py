@@ -208,7 +208,7 @@ class Decoder:
             bad = np.flatnonzero((v != 0) & (v != 1))
             if len(bad):
                 raise DataError(
-                    f"{where}, column {lab!r}: label must be 0 or 1, got {v[bad[0]]!r} (row {bad[0]})"
+                    f"{where}, column {lab!r}: label must be 0 or 1, got {float(v[bad[0]])!r} (row {bad[0]})"
                 )
             labels[:, j] = v
 
@@ -224,7 +224,7 @@ class Decoder:
             if f.on_missing == "error":
                 bad = np.flatnonzero(missing)
                 if len(bad):
-                    shown = "null" if not col[f.column][int(bad[0])].is_valid else repr(v[bad[0]])
+                    shown = "null" if not col[f.column][int(bad[0])].is_valid else repr(float(v[bad[0]]))
                     raise DataError(
                         f"{where}, column {f.column!r}: missing/non-finite dense value {shown} "
                         f"(row {bad[0]}); set on_missing: fill to allow it"

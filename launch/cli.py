@@ -6,6 +6,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from data.reader import DataError
@@ -16,7 +17,18 @@ from data.schema import SchemaError
 USER_ERRORS = (SchemaError, DataError, FileNotFoundError, ValueError)
 
 
+# What a rank sees when another rank died (its sockets closed): the dead rank already said why.
+PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in PEER_FAILURE)
+
+
 def exit_on_user_error(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A user error ends the job with one line (exit 2); a rank whose collective failed because another
+    rank died exits quietly (exit 1), so the failing rank's line is the one the user reads."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -31,5 +43,43 @@ def exit_on_user_error(fn: Callable[..., Any]) -> Callable[..., Any]:
                 flush=True,
             )
             sys.exit(2)
+        except Exception as e:
+            if is_peer_failure(e) and not os.environ.get("RANKMIXER_TRACEBACK"):
+                sys.stdout.flush()
+                os._exit(1)  # no teardown of the broken process group (more peer errors) either
+            raise
 
     return wrapper
+
+
+def check_config_yaml(argv: list[str]) -> None:
+    """Every YAML file under conf/ and the `--config-dir` dirs parses; else one line with the file, line
+    and column, before Hydra (whose YAML errors are a long traceback per rank) reads any of them."""
+    import yaml
+
+    from launch.configs import CONF_DIR
+
+    dirs = [CONF_DIR]
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]))
+    for d in dirs:
+        for path in sorted(Path(d).rglob("*.yaml")):
+            try:
+                yaml.safe_load(path.read_text())
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                print(f"error: {where}: invalid YAML: {problem}", file=sys.stderr, flush=True)
+                sys.exit(2)
+
+
+def prepare_launch() -> None:
+    """What every entry point runs before Hydra: the YAML check, then the config nodes' registration."""
+    from launch.configs import register_configs
+
+    check_config_yaml(sys.argv)
+    register_configs()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from launch.cli import exit_on_user_error
-from launch.configs import register_configs
+from launch.cli import exit_on_user_error, prepare_launch
 from launch.report import print_report
 from pipeline.config import EvalConfig, reject_unknown_keys
 from pipeline.eval_job import run_eval
@@ -22,5 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    register_configs()
+    prepare_launch()
     main()

@@ -11,8 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from launch.cli import exit_on_user_error
-from launch.configs import register_configs
+from launch.cli import exit_on_user_error, prepare_launch
 from pipeline.checkpoint import resolve_checkpoint
 from pipeline.config import ExportConfig, reject_unknown_keys
 from pipeline.export import export
@@ -39,5 +38,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    register_configs()
+    prepare_launch()
     main()

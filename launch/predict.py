@@ -8,8 +8,7 @@ import os
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from launch.cli import exit_on_user_error
-from launch.configs import register_configs
+from launch.cli import exit_on_user_error, prepare_launch
 from pipeline.config import PredictConfig, reject_unknown_keys
 from pipeline.predict_job import run_predict
 
@@ -26,5 +25,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    register_configs()
+    prepare_launch()
     main()

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from pipeline.dist import DistInfo, broadcast_object
+from pipeline.dist import DistInfo
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -120,17 +120,26 @@ class CheckpointManager:
     ) -> Path:
         final = self.path(step)
         tmp = self.root / f".step_{step:08d}.tmp"
+        try:
+            if self.info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of the same step
+                tmp.mkdir(parents=True)
+            dist.barrier()
+            dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
+            torch.save({"rng": rng_state()}, tmp / f"rank_{self.info.rank}.pt")
+            dist.barrier()
+            if self.info.is_main:
+                (tmp / "config.yaml").write_text(config_yaml)
+                meta = {**trainer_state, "step": step, "world_size": self.info.world_size}
+                (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
+        except (OSError, dcp.api.CheckpointException) as e:  # e.g. the disk is full
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint on a full disk
+            kept = ", ".join(p.name for p in complete_checkpoints(self.root)) or "none"
+            raise CheckpointError(
+                f"checkpoint: saving step {step} to {final} failed ({first_line(e)}); removed the partial "
+                f"{tmp.name}; complete checkpoints kept: {kept}"
+            ) from e
         if self.info.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of the same step
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
-        torch.save({"rng": rng_state()}, tmp / f"rank_{self.info.rank}.pt")
-        dist.barrier()
-        if self.info.is_main:
-            (tmp / "config.yaml").write_text(config_yaml)
-            meta = {**trainer_state, "step": step, "world_size": self.info.world_size}
-            (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
             if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -155,6 +164,64 @@ class CheckpointManager:
         return meta
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be saved, loaded or resumed here; one line naming it and why."""
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    for line in text.splitlines():  # DCP wraps per-rank errors: the innermost message is the useful one
+        if "Errno" in line or "Error:" in line:
+            return line.strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def config_diff(saved: Any, current: Any, path: str) -> list[str]:
+    """Every leaf where two plain configs differ, as `path: <saved> in checkpoint, <current> now`. Lists
+    of named entries (schema features) are matched by name: `schema.sparse[author_level].embedding_dim`."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for k in dict.fromkeys([*saved, *current]):
+            if k not in current:
+                out.append(f"{path}.{k}: {saved[k]!r} in checkpoint, absent now")
+            elif k not in saved:
+                out.append(f"{path}.{k}: absent in checkpoint, {current[k]!r} now")
+            else:
+                out += config_diff(saved[k], current[k], f"{path}.{k}")
+        return out
+    named = isinstance(saved, list) and isinstance(current, list)
+    named = named and all(isinstance(x, dict) and "name" in x for x in (*saved, *current))
+    if named:
+        a, b = {x["name"]: x for x in saved}, {x["name"]: x for x in current}
+        if list(a) != list(b):
+            return [f"{path}: features {list(a)} in checkpoint, {list(b)} now"]
+        return [d for name in a for d in config_diff(a[name], b[name], f"{path}[{name}]")]
+    return [] if saved == current else [f"{path}: {saved!r} in checkpoint, {current!r} now"]
+
+
+def check_compatible(checkpoint: Path, config_yaml: str) -> None:
+    """Refuse (CheckpointError naming the first changed field) to resume a checkpoint whose schema or
+    model config differs from this run's: its tensors would not fit, or would mean something else."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"resume: {checkpoint / 'config.yaml'} unreadable: {first_line(e)}") from e
+    current = yaml.safe_load(config_yaml)
+    diffs = config_diff(saved["data"]["schema"], current["data"]["schema"], "schema")
+    diffs += config_diff(saved["model"], current["model"], "model")
+    diffs += config_diff(
+        saved["trainer"]["dense_proj_dim"], current["trainer"]["dense_proj_dim"], "trainer.dense_proj_dim"
+    )
+    if diffs:
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise CheckpointError(
+            f"resume: {checkpoint} was written with another schema or model: {diffs[0]}{more}; resume with "
+            "the run's config.yaml, or start a new trainer.run_dir"
+        )
+
+
 def load_checkpoint_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """DCP-load a checkpoint into live (possibly differently sharded) model / optimizer state."""
     state: dict[str, Any] = {"model": model.state_dict()}
@@ -167,9 +234,3 @@ def load_checkpoint_into(path: Path, model: torch.nn.Module, optimizer: torch.op
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
         optimizer.post_load_state_dict()  # type: ignore[attr-defined]  # e.g. warmup re-applies its lr
-
-
-def agree_on_path(info: DistInfo, path: Path | None) -> Path | None:
-    """Rank 0's view of a filesystem path, on every rank (ranks may race on directory listings)."""
-    value = broadcast_object(str(path) if path is not None else None)
-    return Path(value) if value is not None else None

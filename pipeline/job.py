@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer
 
@@ -71,14 +70,25 @@ def make_reader(cfg: TrainConfig, schema: Schema, info: DistInfo, split: str, tr
     )
 
 
-def resolve_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
-    """Rank 0 names the run dir and every rank uses that name (ranks start at slightly different times)."""
+def resolve_run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, bool]:
+    """(the run dir, whether this job created it). Rank 0 names and creates it, every rank uses that name
+    (ranks start at slightly different times); a path that cannot be created is one ValueError line."""
     name = cfg.trainer.run_dir or f"outputs/train/{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(broadcast_object(name))
+    error = None
+    created = not run_dir.exists()
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    return run_dir
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            error = f"trainer.run_dir={str(run_dir)!r}: cannot write there ({e.strerror or e})"
+    error = broadcast_object(error)  # every rank stops with the same line, none hangs in a collective
+    if error:
+        raise ValueError(error)
+    return run_dir, created
 
 
 def build_model(

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.files import write_atomic
+
 
 def setup_logging(rank: int) -> None:
     """Our packages log INFO on rank 0 (WARNING elsewhere); everything else WARNING. FBGEMM and TorchRec
@@ -28,15 +30,29 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def _keep(record: dict[str, Any], resume_step: int) -> bool:
+    return record.get("kind") != "test" and record.get("step", 0) <= resume_step
+
+
 class RunLog:
     """Scalars -> <run_dir>/metrics.jsonl and TensorBoard; a no-op on ranks other than 0."""
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None) -> None:
+        """`resume_step`: the step a resumed run continues from; records of later steps (written by the run
+        that stopped, after its last checkpoint) and its test records are dropped first."""
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if enabled:
-            self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+            path = run_dir / "metrics.jsonl"
+            if resume_step is not None and path.is_file():
+                kept = [
+                    line
+                    for line in path.read_text().splitlines()
+                    if line.strip() and _keep(json.loads(line), resume_step)
+                ]
+                write_atomic(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
+            self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
             from torch.utils.tensorboard import SummaryWriter  # heavy import: rank 0 only
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))

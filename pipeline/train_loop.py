@@ -8,22 +8,33 @@ the loop (log, validate, checkpoint), the final checkpoint and test evaluation.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
+from data.reader import ParquetReader
 from data.schema import Schema
-from pipeline.checkpoint import CheckpointManager, agree_on_path, load_checkpoint_into
+from pipeline.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    check_compatible,
+    complete_checkpoints,
+    first_line,
+    load_checkpoint_into,
+)
 from pipeline.config import TrainConfig
-from pipeline.dist import DistInfo, init_distributed
+from pipeline.dist import DistInfo, broadcast_object, init_distributed
 from pipeline.early_stop import EarlyStopping, metric_value
 from pipeline.evaluate import collapsed_tasks, evaluate, evaluate_inference_modes
 from pipeline.files import write_json_atomic
@@ -51,14 +62,36 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     setup_logging(info.rank)
     seed_everything(cfg.trainer.seed)
     schema = Schema.from_dict(cfg.data.schema)
-    tasks = list(schema.labels)
-    # Readers first: they validate the data (files, columns, types) before a run dir is created.
+    # Readers first: every split's files, columns and types are checked before a run dir is created.
     train_reader = make_reader(cfg, schema, info, cfg.data.train_split, train=True)
     valid_reader = make_reader(cfg, schema, info, cfg.data.valid_split, train=False)
-    run_dir = resolve_run_dir(cfg, info)
+    test_reader = (
+        make_reader(cfg, schema, info, cfg.data.split, train=False) if cfg.trainer.final_eval else None
+    )
+    run_dir, created = resolve_run_dir(cfg, info)
+    ckpt = CheckpointManager(run_dir / "checkpoints", info, keep_last=cfg.trainer.keep_last)
+    try:
+        return _train(cfg, info, schema, train_reader, valid_reader, test_reader, run_dir, ckpt)
+    except BaseException:
+        # a run dir this job created and that holds no checkpoint is only debris of the failure
+        if created and info.is_main and ckpt.latest() is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train(
+    cfg: TrainConfig,
+    info: DistInfo,
+    schema: Schema,
+    train_reader: ParquetReader,
+    valid_reader: ParquetReader,
+    test_reader: ParquetReader | None,
+    run_dir: Path,
+    ckpt: CheckpointManager,
+) -> dict[str, Any]:
+    tasks = list(schema.labels)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if info.is_main:
-        (run_dir / "config.yaml").write_text(config_yaml)
         log.info(
             "run dir: %s (world size %d, %s, backend %s)", run_dir, info.world_size, info.device, info.backend
         )
@@ -72,25 +105,38 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if info.is_main:
         log.info("dense params: %d; train batches/epoch/rank: %d", dense_params, steps_per_epoch)
 
-    # ---- resume ---------------------------------------------------------------------------------------
-    ckpt = CheckpointManager(run_dir / "checkpoints", info, keep_last=cfg.trainer.keep_last)
+    # ---- resume (checked against this config before the run dir's config.yaml is rewritten) -----------
     stopper = EarlyStopping(cfg.trainer.early_stop)
-    pos, trainer_state = resume(cfg, ckpt, info, dmp, optimizer)
+    pos, trainer_state = resume(cfg, ckpt, info, dmp, optimizer, config_yaml)
+    if info.is_main:
+        (run_dir / "config.yaml").write_text(config_yaml)
     if "early_stop" in trainer_state:
         stopper.load_state_dict(trainer_state["early_stop"])
     select_best = cfg.trainer.early_stop.select_best
     ckpt.keep_step = stopper.best_step if select_best else None
+    meter = TrainMeter()
+    # training time and steps add up across restarts
+    meter.train_seconds = trainer_state.get("train_seconds", 0.0)
+    meter.train_steps = trainer_state.get("train_steps", 0)
 
     def save() -> None:
         if ckpt.latest_step() == pos.step:
             return  # already saved at this step (a validation's best and the epoch's end coincide)
-        state = {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "early_stop": stopper.state_dict()}
+        state = {
+            "epoch": pos.epoch,
+            "step_in_epoch": pos.step_in_epoch,
+            "batch_size": cfg.data.batch_size,
+            "train_seconds": meter.train_seconds,
+            "train_steps": meter.train_steps,
+            "early_stop": stopper.state_dict(),
+        }
         ckpt.save(pos.step, dmp, optimizer, state, config_yaml)
 
     # ---- the loop -------------------------------------------------------------------------------------
-    runlog = RunLog(run_dir, enabled=info.is_main)
+    # a resumed run's log continues from its checkpoint: records written after it (by the run that
+    # crashed) are dropped, so metrics.jsonl holds each step once
+    runlog = RunLog(run_dir, enabled=info.is_main, resume_step=pos.step if trainer_state else None)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, info.device, execute_all_batches=True)
-    meter = TrainMeter()
 
     def validate() -> None:
         meter.pause()  # validation time is not training time
@@ -112,7 +158,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar = tqdm(total=total_steps, initial=pos.step, disable=not show_bar, desc="train")
     profiler = StepProfiler(cfg.trainer.profile_steps, run_dir / "profile", enabled=info.is_main)
     dmp.train()
-    while pos.step < total_steps and not stopper.should_stop:
+    while pos.step < total_steps and pos.epoch < cfg.trainer.epochs and not stopper.should_stop:
         train_reader.set_epoch(pos.epoch)
         if pos.step_in_epoch:
             train_reader.load_state_dict({"epoch": pos.epoch, "batches_yielded": pos.step_in_epoch})
@@ -180,8 +226,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "valid": stopper.best_metrics if selected == stopper.best_step else stopper.last_metrics,
         "early_stop": {"metric": cfg.trainer.early_stop.metric, **stopper.state_dict(with_metrics=False)},
     }
-    if cfg.trainer.final_eval:
-        test_reader = make_reader(cfg, schema, info, cfg.data.split, train=False)
+    if test_reader is not None:
         preds = (
             run_dir / "predictions" / f"part-{info.rank:05d}.parquet"
             if cfg.trainer.save_predictions
@@ -212,20 +257,38 @@ def warn_collapsed(metrics: dict[str, float], tasks: list[str], where: str) -> N
 
 
 def resume(
-    cfg: TrainConfig, ckpt: CheckpointManager, info: DistInfo, dmp: Any, optimizer: Any
+    cfg: TrainConfig, ckpt: CheckpointManager, info: DistInfo, dmp: Any, optimizer: Any, config_yaml: str
 ) -> tuple[Position, dict[str, Any]]:
     """The position to start from and the saved trainer state: (0, {}), or those of the checkpoint
-    `trainer.resume` names (auto: the latest complete one under the run dir), whose model, optimizer and
-    RNG state are loaded in place."""
-    if cfg.trainer.resume == "auto":
-        resume_from = agree_on_path(info, ckpt.latest())
-    elif cfg.trainer.resume not in ("none", ""):
-        resume_from = Path(cfg.trainer.resume)
+    `trainer.resume` names, whose model, optimizer and RNG state are loaded in place. `auto`: the latest
+    complete checkpoint under the run dir; one that fails to load (truncated, corrupt) is skipped with a
+    warning for the one before it. A checkpoint of another schema / model, or one saved mid-epoch by
+    another world size or batch size, is refused (CheckpointError), never loaded or skipped."""
+    explicit = cfg.trainer.resume not in ("auto", "none", "")
+    if explicit:
+        candidates = [Path(cfg.trainer.resume)]
+    elif cfg.trainer.resume == "auto":
+        newest_first = [str(p) for p in reversed(complete_checkpoints(ckpt.root))]
+        candidates = [Path(p) for p in broadcast_object(newest_first)]  # rank 0's listing, on every rank
     else:
-        resume_from = None
-    if resume_from is None:
+        candidates = []
+    for i, path in enumerate(candidates):
+        try:
+            check_compatible(path, config_yaml)
+            meta = json.loads((path / "trainer.json").read_text())
+            check_data_position(meta, cfg, info, path)
+            meta = ckpt.load(path, dmp, optimizer)
+            break
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, RuntimeError, dcp.api.CheckpointException) as e:
+            if explicit or i + 1 == len(candidates):
+                raise CheckpointError(f"resume: {path} cannot be loaded: {first_line(e)}") from e
+            if info.is_main:
+                log.warning("resume: skipping %s, which cannot be loaded (%s)", path, first_line(e))
+    else:
         return Position(), {}
-    meta = ckpt.load(resume_from, dmp, optimizer)
+    resume_from = path
     pos = Position(meta["step"], meta["epoch"], meta["step_in_epoch"])
     if info.is_main:
         log.info(
@@ -236,6 +299,30 @@ def resume(
             pos.step_in_epoch,
         )
     return pos, meta
+
+
+def check_data_position(meta: dict[str, Any], cfg: TrainConfig, info: DistInfo, path: Path) -> None:
+    """Mid-epoch, the data position is only meaningful for the world size and batch size that saved it:
+    each rank streams its own shard of the row groups in its own shuffled order. At an epoch boundary
+    any world size resumes exactly (the next epoch reads every row once)."""
+    saved_world, saved_batch = meta.get("world_size"), meta.get("batch_size", cfg.data.batch_size)
+    if meta.get("step_in_epoch", 0) == 0:
+        if saved_world != info.world_size and info.is_main:
+            epoch, batch = meta.get("epoch", 0), cfg.data.batch_size
+            log.warning(
+                "resume: %s was saved by %s ranks, resuming on %d at the start of epoch %d: the global "
+                "batch is now %d x %d",
+                path, saved_world, info.world_size, epoch, info.world_size, batch,
+            )  # fmt: skip
+        return
+    if saved_world != info.world_size or saved_batch != cfg.data.batch_size:
+        raise CheckpointError(
+            f"resume: {path} was saved mid-epoch (epoch {meta['epoch']}, step {meta['step_in_epoch']} of "
+            f"it) by {saved_world} ranks of batch {saved_batch}; on {info.world_size} ranks of batch "
+            f"{cfg.data.batch_size} the data order differs and rows would be skipped or repeated. Resume "
+            f"with --nproc_per_node {saved_world} data.batch_size={saved_batch}, or from a checkpoint saved "
+            "at an epoch end (trainer.checkpoint_every=0 saves there)"
+        )
 
 
 def train_record(meter: TrainMeter, tasks: list[str], batch_size: int, world_size: int, epoch: int) -> dict:

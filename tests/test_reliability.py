@@ -1,0 +1,286 @@
+"""Faults an operator meets, through the real launcher: a killed rank recovered by torchrun, resumes that
+refuse to lie (changed schema, world size mid-epoch), a corrupt newest checkpoint skipped, a failed save
+cleaned up, and every failure as one line (bad data on one rank, YAML errors, unwritable paths)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.test_train_e2e import ROOT, ok, run
+
+pytestmark = pytest.mark.slow
+
+COMMON = [
+    "data.batch_size=256",
+    "data.eval_batch_size=1024",
+    "trainer.progress_bar=false",
+    "trainer.log_every=10",
+]
+
+
+def python_train(dataset: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """launch/train.py as one process (a 1-rank group): the cheap way to exercise resume logic."""
+    return [
+        sys.executable,
+        "launch/train.py",
+        f"data.root={dataset}",
+        f"trainer.run_dir={run_dir}",
+        *COMMON,
+        *overrides,
+    ]
+
+
+def torchrun_train(dataset: Path, run_dir: Path, *overrides: str, nproc: int = 2, launcher=()) -> list[str]:
+    launcher = list(launcher) or ["--standalone"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc_per_node", str(nproc)]
+    return [
+        *cmd,
+        "launch/train.py",
+        f"data.root={dataset}",
+        f"trainer.run_dir={run_dir}",
+        *COMMON,
+        *overrides,
+    ]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_resume_refuses_a_changed_schema_naming_the_field_and_leaves_the_run_dir(small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    ok(run(python_train(small_dataset, run_dir, "trainer.max_steps=10", "trainer.final_eval=false")))
+    saved = (run_dir / "config.yaml").read_text()
+    # author_level's table 8 -> 16 wide (sparse[14] in conf/data/synthetic.yaml)
+    proc = run(python_train(small_dataset, run_dir, "trainer.max_steps=20", "trainer.resume=auto",
+                            "data.schema.sparse.14.embedding_dim=16"))  # fmt: skip
+    assert proc.returncode == 2
+    checkpoint = run_dir / "checkpoints" / "step_00000010"
+    assert error_lines(proc) == [
+        f"error [rank 0]: CheckpointError: resume: {checkpoint} was written with another schema or model: "
+        "schema.sparse[author_level].embedding_dim: 8 in checkpoint, 16 now; resume with the run's "
+        "config.yaml, or start a new trainer.run_dir"
+    ]
+    assert "Traceback" not in proc.stderr
+    assert (run_dir / "config.yaml").read_text() == saved  # nothing of the run was overwritten
+
+
+def test_resume_auto_skips_a_truncated_newest_checkpoint_and_the_log_has_each_step_once(
+    small_dataset, tmp_path
+):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ("trainer.checkpoint_every=10", "trainer.eval_every=0", "trainer.final_eval=false")
+    ok(run(python_train(small_dataset, full, "trainer.max_steps=30", *args)))
+    ok(run(python_train(small_dataset, part, "trainer.max_steps=20", *args)))
+    first_seconds = json.loads((part / "checkpoints" / "step_00000010" / "trainer.json").read_text())
+    newest = part / "checkpoints" / "step_00000020"
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a torn write
+    proc = ok(run(python_train(small_dataset, part, "trainer.max_steps=30", "trainer.resume=auto", *args)))
+    assert f"resume: skipping {newest}, which cannot be loaded" in proc.stderr
+    assert "resumed from" in proc.stderr and "step_00000010 at step 10" in proc.stderr
+    a = {r["step"]: r["loss"] for r in records(full) if r["kind"] == "train"}
+    b = {r["step"]: r["loss"] for r in records(part) if r["kind"] == "train"}
+    assert b[30] == pytest.approx(a[30], rel=1e-5)  # steps 11-30 replayed exactly from step 10
+    keys = [(r["kind"], r["step"]) for r in records(part)]
+    assert len(keys) == len(set(keys))  # steps 11-20 of the first run were dropped from the log
+    summary = json.loads((part / "metrics.json").read_text())
+    assert summary["train_seconds"] > first_seconds["train_seconds"] > 0  # timings add up across restarts
+
+
+def test_a_world_size_change_mid_epoch_is_refused_and_at_an_epoch_end_resumes(small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    ok(run(torchrun_train(small_dataset, run_dir, "trainer.max_steps=10", "trainer.checkpoint_every=10",
+                          "trainer.final_eval=false", "trainer.eval_every=0")))  # fmt: skip
+    proc = run(python_train(small_dataset, run_dir, "trainer.resume=auto", "trainer.max_steps=20"))
+    assert proc.returncode == 2
+    (line,) = error_lines(proc)
+    assert (
+        "was saved mid-epoch (epoch 0, step 10 of it) by 2 ranks of batch 256; on 1 ranks of batch 256"
+        in line
+    )
+    assert "Resume with --nproc_per_node 2 data.batch_size=256" in line
+
+    # at an epoch end every row of the next epoch is read once, whatever the world size: it resumes
+    epoch_end = tmp_path / "epoch_end"
+    ok(run(torchrun_train(small_dataset, epoch_end, "trainer.epochs=1", "trainer.final_eval=false")))
+    two_rank_steps = json.loads((epoch_end / "metrics.json").read_text())["steps"]
+    proc = ok(run(python_train(small_dataset, epoch_end, "trainer.resume=auto", "trainer.epochs=2",
+                               "trainer.final_eval=false")))  # fmt: skip
+    assert "was saved by 2 ranks, resuming on 1 at the start of epoch 1" in proc.stderr
+    summary = json.loads((epoch_end / "metrics.json").read_text())
+    rows = json.loads((small_dataset / "dataset.json").read_text())["splits"]["train"]["rows"]
+    assert summary["epochs"] == 2 and summary["steps"] == two_rank_steps + rows // 256
+
+
+def test_a_failed_save_is_one_error_removes_its_partial_dir_and_keeps_the_earlier_ones(tmp_path, monkeypatch):
+    from pipeline import checkpoint
+    from pipeline.checkpoint import CheckpointError, CheckpointManager
+    from pipeline.dist import init_distributed
+
+    info = init_distributed()  # a 1-rank gloo group in this process
+    try:
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        manager = CheckpointManager(tmp_path / "ckpt", info, keep_last=2)
+        manager.save(1, model, optimizer, {"epoch": 0, "step_in_epoch": 1}, "x: 1\n")
+
+        def disk_full(obj, f, *args, **kwargs):  # the rank's RNG file, after DCP wrote its shards
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+        with pytest.raises(CheckpointError) as err:
+            manager.save(2, model, optimizer, {"epoch": 0, "step_in_epoch": 2}, "x: 1\n")
+        assert str(err.value) == (
+            f"checkpoint: saving step 2 to {tmp_path / 'ckpt' / 'step_00000002'} failed (OSError: "
+            "[Errno 28] No space left on device); removed the partial .step_00000002.tmp; complete "
+            "checkpoints kept: step_00000001"
+        )
+        assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000001"]
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def bad_rank_dataset(src: Path, dst: Path) -> Path:
+    """A copy of `src` whose train file part-00001 holds a label 7 in its first row group (read by one
+    rank only: row groups are dealt round-robin)."""
+    for split in ("train", "valid", "test"):
+        (dst / split).mkdir(parents=True)
+        for f in sorted((src / split).glob("*.parquet")):
+            table = pq.read_table(f)
+            if split == "train" and f.name == "part-00001.parquet":
+                finish = table["finish"].to_numpy().copy()
+                finish[0] = 7
+                table = table.set_column(table.column_names.index("finish"), "finish", pa.array(finish))
+            pq.write_table(
+                table, dst / split / f.name, row_group_size=pq.ParquetFile(f).metadata.row_group(0).num_rows
+            )
+    return dst
+
+
+def test_bad_data_on_one_rank_is_one_line_and_the_peer_exits_quietly(small_dataset, tmp_path):
+    data = bad_rank_dataset(small_dataset, tmp_path / "data")
+    run_dir = tmp_path / "run"
+    proc = run(torchrun_train(data, run_dir, "trainer.max_steps=200"))
+    assert proc.returncode != 0
+    (line,) = error_lines(proc)
+    assert "part-00001.parquet: row group 0, column 'finish': label must be 0 or 1, got 7.0 (row 0)" in line
+    # the peer exits quietly: no gloo error and no frame of ours (torchrun's own failure summary remains)
+    assert "Connection closed by peer" not in proc.stderr and "train_loop.py" not in proc.stderr
+    assert not run_dir.exists()  # no checkpoint yet: the run dir this job created is removed
+
+
+def test_config_and_path_mistakes_are_one_line_before_any_run_dir(small_dataset, tmp_path):
+    conf = tmp_path / "conf" / "data"
+    conf.mkdir(parents=True)
+    (conf / "broken.yaml").write_text("schema:\n  name: x\n  labels: [a\n  user_id: u\n")
+    proc = run([sys.executable, "launch/train.py", "--config-dir", str(tmp_path / "conf"), "data=broken"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[0].startswith(f"error: {conf / 'broken.yaml'}:4:")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = run(python_train(small_dataset, blocker / "run", "trainer.max_steps=2"))
+    run_dir = blocker / "run"
+    assert error_lines(proc) == [
+        f"error [rank 0]: ValueError: trainer.run_dir='{run_dir}': cannot write there (Not a directory)"
+    ]
+
+    # the test split is checked up front (metadata): no run dir, no training
+    data = tmp_path / "data"
+    for split in ("train", "valid", "test"):
+        (data / split).mkdir(parents=True)
+        for f in (small_dataset / split).glob("*.parquet"):
+            table = pq.read_table(f)
+            pq.write_table(
+                table.drop_columns(["item_id"]) if split == "test" else table, data / split / f.name
+            )
+    proc = run(python_train(data, tmp_path / "run", "trainer.max_steps=2"))
+    assert "test/part-00000.parquet: column 'item_id' missing" in error_lines(proc)[0]
+    assert not (tmp_path / "run").exists()
+
+
+def kill_rank_when(agent: subprocess.Popen, run_dir: Path, rank: str, step: int) -> threading.Thread:
+    """SIGKILL the torchrun worker with RANK=`rank` once the run has logged a train step >= `step`."""
+
+    def workers() -> list[tuple[int, str | None]]:
+        out = []
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and int((p / "stat").read_text().split()[3]) == agent.pid:
+                    env = (p / "environ").read_bytes().split(b"\0")
+                    ranks = [e[5:].decode() for e in env if e.startswith(b"RANK=")]
+                    out.append((int(p.name), ranks[0] if ranks else None))
+            except OSError:
+                pass
+        return out
+
+    def watch() -> None:
+        log = run_dir / "metrics.jsonl"
+        while agent.poll() is None:
+            if log.exists():
+                steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if '"train"' in x]
+                if steps and max(steps) >= step:
+                    for pid, r in workers():
+                        if r == rank:
+                            os.kill(pid, signal.SIGKILL)
+                            return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_torchrun_restarts_a_killed_rank_and_the_run_ends_as_an_uninterrupted_one(small_dataset, tmp_path):
+    args = (
+        "trainer.max_steps=60",
+        "trainer.checkpoint_every=20",
+        "trainer.eval_every=0",
+        "trainer.resume=auto",
+    )
+    full = tmp_path / "full"
+    ok(run(torchrun_train(small_dataset, full, *args)))
+    # the README's recipe: static rendezvous on a fixed endpoint (c10d's re-rendezvous fails under gloo)
+    launcher = ["--nnodes", "1", "--node-rank", "0", "--max-restarts", "2", "--rdzv-backend", "static",
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
+    crashed = tmp_path / "crashed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = torchrun_train(small_dataset, crashed, *args, launcher=launcher)
+    agent = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    kill_rank_when(agent, crashed, rank="1", step=30)
+    out, err = agent.communicate(timeout=600)
+    assert agent.returncode == 0, err[-4000:]
+    assert "exitcode: -9" in err  # rank 1 was killed ...
+    assert "resumed from" in err and "step_00000020 at step 20" in err  # ... and the restart resumed
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, crashed))
+    for key in ("finish/auc", "skip/auc", "finish/uauc", "skip/uauc"):
+        assert b["test"][key] == pytest.approx(a["test"][key], abs=1e-6), key
+    keys = [(r["kind"], r["step"]) for r in records(crashed)]
+    assert len(keys) == len(set(keys))
