@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
-from torchrec.distributed.planner.types import KernelConfig, TopologyFactory
+from torchrec.distributed.planner.types import KernelConfig, PlannerError, TopologyFactory
 from torchrec.distributed.planner.types import TrainerConfig as PlannerTrainerConfig
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ShardingPlan, ShardingType
@@ -84,7 +84,11 @@ def shard_model(
         topology=topology, batch_size=batch_size, constraints=planner_constraints(cfg, schema_tables)
     )
     sharders = get_default_sharders()
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    try:
+        plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    except (PlannerError, RuntimeError) as e:  # e.g. row_wise on CPU: TorchRec offers it only on CUDA
+        raise ValueError(f"sharding: no plan for sharding.types={cfg.types} per_table={cfg.per_table} on "
+                         f"{info.device.type}: {str(e).strip().splitlines()[0]}") from None  # fmt: skip
     if info.is_main:
         log.info("sharding plan (world size %d):\n%s", info.world_size, plan_table(plan))
     dmp = DistributedModelParallel(module=model, device=info.device, plan=plan, sharders=sharders)

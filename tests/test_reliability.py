@@ -284,3 +284,40 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_ends_as_an_uninterrupted_on
         assert b["test"][key] == pytest.approx(a["test"][key], abs=1e-6), key
     keys = [(r["kind"], r["step"]) for r in records(crashed)]
     assert len(keys) == len(set(keys))
+
+
+def test_two_nodes_under_c10d_rendezvous_train_as_one_node_with_column_and_table_wise_shards(
+    small_dataset, tmp_path
+):
+    """Two torchrun agents (1 process each, as on 2 machines) vs one agent with 2 processes; the big tables
+    column-wise, the others table-wise, over both nodes. Row-wise sharding: TorchRec 1.8 offers it only on
+    CUDA (asking for it on CPU is one line)."""
+    proc = run(python_train(small_dataset, tmp_path / "rw", "+sharding.per_table={item_id:[row_wise]}"))
+    assert "sharding: no plan for" in error_lines(proc)[0] and "compute device: cpu" in error_lines(proc)[0]
+    sharding = "+sharding.per_table={item_id:[column_wise],user_id_emb:[column_wise]}"
+    args = ("trainer.max_steps=30", "trainer.eval_every=0", "trainer.final_eval=false", sharding)
+    single = tmp_path / "single"
+    ok(run(torchrun_train(small_dataset, single, *args)))
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = []
+    for node_rank in (0, 1):
+        launcher = ["--nnodes", "2", "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes"]  # fmt: skip
+        cmd = torchrun_train(small_dataset, tmp_path / "multi", *args, nproc=1, launcher=launcher)
+        nodes.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    logs = [n.communicate(timeout=600) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], logs[0][1][-3000:] + logs[1][1][-3000:]
+    plan = next(err for _, err in logs if "sharding plan (world size 2)" in err)
+    # both kinds of shards, on both nodes (16-wide tables stay one column shard: TorchRec's minimum
+    # column partition is wider)
+    assert "item_id                 column_wise  fused   0" in plan
+    assert "user_id_emb             column_wise  fused   1" in plan
+    assert "author_id               table_wise" in plan
+    a = {r["step"]: r["loss"] for r in records(single) if r["kind"] == "train"}
+    b = {r["step"]: r["loss"] for r in records(tmp_path / "multi") if r["kind"] == "train"}
+    assert b.keys() == a.keys() and all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
