@@ -56,7 +56,9 @@ def _fake_wheel(directory: Path, seed: int = 0, inter_fields: str | None = None)
     wheel = directory / "recbole-1.2.1-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
         for kind, lines in (("inter", inter), ("user", user), ("item", item)):
-            z.writestr(MEMBER.format(kind), "\n".join(lines) + "\n")
+            # a fixed entry date: the wheel's sha256 (recorded in dataset.json) must not depend on the clock
+            entry = zipfile.ZipInfo(MEMBER.format(kind), date_time=(2024, 1, 1, 0, 0, 0))
+            z.writestr(entry, "\n".join(lines) + "\n")
     return wheel
 
 
