@@ -12,7 +12,7 @@ import torch.distributed as dist
 from data.schema import Schema
 from pipeline.checkpoint import load_checkpoint_into, resolve_checkpoint
 from pipeline.config import EvalConfig, TrainConfig, load_train_config
-from pipeline.dist import init_distributed
+from pipeline.dist import DistInfo, init_distributed
 from pipeline.evaluate import evaluate_inference_modes
 from pipeline.files import write_json_atomic
 from pipeline.job import build_model, make_reader, seed_everything
@@ -29,17 +29,23 @@ def load_run_config(checkpoint: Path) -> TrainConfig:
     return load_train_config(path)
 
 
-def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+def open_checkpoint_job(checkpoint_arg: str) -> tuple[DistInfo, Path, TrainConfig, Schema]:
+    """The start of a job that scores with a checkpoint (eval, predict): process group and logging, the
+    checkpoint (a run dir: its selected one), its training config and schema, the run's seed."""
     info = init_distributed()
     setup_logging(info.rank)
-    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint_arg)
     run_cfg = load_run_config(checkpoint)
     seed_everything(run_cfg.trainer.seed)
+    return info, checkpoint, run_cfg, Schema.from_dict(run_cfg.data.schema)
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    info, checkpoint, run_cfg, schema = open_checkpoint_job(cfg.checkpoint)
     # Model and schema as trained; where the data lives and which split come from this job's config.
     run_cfg.data.root, run_cfg.data.split = cfg.data.root, cfg.data.split
     run_cfg.data.eval_batch_size = cfg.data.eval_batch_size
     run_cfg.sharding = cfg.sharding
-    schema = Schema.from_dict(run_cfg.data.schema)
     dmp, _ = build_model(run_cfg, schema, info)
     load_checkpoint_into(checkpoint, dmp, optimizer=None)
     reader = make_reader(run_cfg, schema, info, cfg.data.split, train=False)

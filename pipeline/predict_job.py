@@ -32,14 +32,13 @@ import torch.distributed as dist
 from data.reader import ParquetReader
 from data.schema import Schema
 from models.sparse_arch import input_keys
-from pipeline.checkpoint import load_checkpoint_into, resolve_checkpoint
+from pipeline.checkpoint import load_checkpoint_into
 from pipeline.config import PredictConfig
-from pipeline.dist import broadcast_object, init_distributed
-from pipeline.eval_job import load_run_config
+from pipeline.dist import broadcast_object
+from pipeline.eval_job import open_checkpoint_job
 from pipeline.evaluate import batch_outputs
 from pipeline.files import write_json_atomic
-from pipeline.job import build_model, seed_everything, split_dir
-from pipeline.run_log import setup_logging
+from pipeline.job import build_model, split_dir
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +142,7 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def run_predict(cfg: PredictConfig) -> dict[str, Any]:
-    info = init_distributed()
-    setup_logging(info.rank)
-    checkpoint = resolve_checkpoint(cfg.checkpoint)
-    run_cfg = load_run_config(checkpoint)
-    seed_everything(run_cfg.trainer.seed)
-    schema = Schema.from_dict(run_cfg.data.schema)
+    info, checkpoint, run_cfg, schema = open_checkpoint_job(cfg.checkpoint)
     passthrough = check_output(cfg, schema)
     # Every input is checked before the model is built: columns and types of every file (metadata only).
     reader = ParquetReader(
