@@ -1,5 +1,5 @@
 """Writing a dataset directory `<root>/{train,valid,test}/part-*.parquet + dataset.json`, shared by the
-synthetic generator (data.generate) and the MovieLens-100K converter (data.ml100k): `atomic_dataset_dir`
+synthetic generator (data.generate) and the MovieLens-100K converter (data.ml100k): `atomic_dir`
 builds the whole directory in a sibling temp directory and swaps it in only once complete, `part_sizes`
 spreads a split's rows over its part files, and `write_parts` writes those files with several row groups
 each (so that the reader's round-robin of (file, row group) pairs gives every rank data) and returns the
@@ -21,23 +21,32 @@ import pyarrow.parquet as pq
 SPLITS = ("train", "valid", "test")
 
 
+def replace_dir(tmp: Path, root: Path) -> None:
+    """Swap the finished directory `tmp` in as `root`: an existing `root` (directory or file) is moved
+    aside to `.<name>.old-<pid>` first and removed only after the swap."""
+    old = root.parent / f".{root.name}.old-{os.getpid()}"
+    if root.exists():
+        os.replace(root, old)
+    os.replace(tmp, root)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
 @contextmanager
-def atomic_dataset_dir(root: str | Path) -> Iterator[Path]:
+def atomic_dir(root: str | Path) -> Iterator[Path]:
     """Yields an empty temp directory `.<name>.tmp-<pid>` next to `root`; when the block ends normally it
-    replaces `root` whole (the old one is moved aside to `.<name>.old-<pid>`, then removed). On any
-    exception the temp directory is removed and `root` is left untouched."""
+    replaces `root` whole (`replace_dir`). On any exception the temp directory is removed and `root` is
+    left untouched. Datasets (data.generate, data.ml100k) and inference artifacts (pipeline/export.py)."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    old = root.parent / f".{root.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
         yield tmp
-        if root.exists():
-            os.replace(root, old)
-        os.replace(tmp, root)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

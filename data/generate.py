@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from data.auc import binary_auc, user_auc
-from data.dataset_dir import SPLITS, atomic_dataset_dir, part_sizes, write_parts
+from data.dataset_dir import SPLITS, atomic_dir, part_sizes, write_parts
 from data.schema import Schema, SequenceFeature, SparseFeature
 from data.world import GenParams, World
 
@@ -131,7 +131,7 @@ def generate(
     if root.exists() and not overwrite:
         raise FileExistsError(f"{root} exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
-    with atomic_dataset_dir(root) as tmp:
+    with atomic_dir(root) as tmp:
         world = World(params)
         info: dict[str, Any] = {
             "schema": schema.name,

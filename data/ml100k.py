@@ -27,7 +27,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from data.dataset_dir import atomic_dataset_dir, part_sizes, write_parts
+from data.dataset_dir import atomic_dir, part_sizes, write_parts
 from data.ml100k_tables import LABEL, MAX_SEQ_LEN, Converted, check_against_schema, convert_tables
 from data.ml100k_wheel import DEFAULT_WHEEL_DIR, PACKAGE, SourceError, find_wheel, read_wheel
 from data.schema import Schema
@@ -45,7 +45,7 @@ def write_dataset(conv: Converted, root: str | Path, source: dict[str, Any] | No
         "source": source or {},
         "splits": {k: dict(v) for k, v in conv.info["splits"].items()},
     }
-    with atomic_dataset_dir(root) as tmp:
+    with atomic_dir(root) as tmp:
         for split, table in conv.tables.items():
             sizes = part_sizes(table.num_rows, FILES[split])
             parts = [table.slice(start, n) for start, n in zip(accumulate(sizes, initial=0), sizes)]

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +33,10 @@ from torch import nn
 from torch.export import Dim
 
 from data.batch import RecBatch
+from data.dataset_dir import atomic_dir
 from data.reader import ParquetReader
 from data.schema import Schema
+from models.feature_groups import signed_log
 from models.longer import SequenceStates
 from models.ranking import RankingModel, RankingTrainWrapper
 from models.sparse_arch import input_keys
@@ -129,7 +129,7 @@ class DensePath(nn.Module):
     def parts(self, dense: torch.Tensor, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
         """{group: (B, w_g)}: as FeatureGroups.parts (embeddings, then the projected dense features)."""
         fg = self.model.feature_groups
-        dense = torch.sign(dense) * torch.log1p(torch.abs(dense))  # models.feature_groups.signed_log
+        dense = signed_log(dense)
         out = {}
         for g in fg.groups:
             pieces = [pooled.index_select(1, getattr(self, f"cols_{g}"))] if g in self.groups else []
@@ -236,9 +236,7 @@ def export(
     wire = wiring(model, schema)
     batch = _first_rows(cfg, schema, data_root or cfg.data.root, split, parity_rows)
 
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:  # the artifact appears whole or not at all
         tables = {name: t.weight.detach() for name, t in _tables(model).items()}
         torch.save({name: quantize_rows(w, quantize) for name, w in tables.items()}, tmp / "embeddings.pt")
         manifest = {
@@ -296,12 +294,6 @@ def export(
         served = Predictor(tmp).logits(lookups.inputs(table))
         manifest["parity"]["max_abs_logit_diff"] = float((served - reference).abs().max())
         write_json_atomic(tmp / MANIFEST, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

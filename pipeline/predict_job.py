@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from data.dataset_dir import replace_dir
 from data.reader import ParquetReader
 from data.schema import Schema
 from models.sparse_arch import input_keys
@@ -130,17 +131,6 @@ def _temp_dir(out: Path, is_main: bool) -> Path:
     return Path(broadcast_object(name))
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished parts to `out` (replacing an existing one only now)."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
 def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     info, checkpoint, run_cfg, schema = open_checkpoint_job(cfg.checkpoint)
     passthrough = check_output(cfg, schema)
@@ -191,7 +181,7 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     dist.barrier()
     if info.is_main:
         write_json_atomic(tmp / MANIFEST, result)
-        _publish(tmp, out)
+        replace_dir(tmp, out)  # an existing `out` is replaced only now
         log.info("predictions: %d rows in %s", expected, out)
     dist.barrier()
     return result

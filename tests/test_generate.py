@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.dataset_dir import atomic_dataset_dir, part_sizes
+from data.dataset_dir import atomic_dir, part_sizes
 from data.generate import GenParams, generate, main, oracle_columns, oracle_metrics
 from data.schema import Schema
 
@@ -80,14 +80,14 @@ def test_schema_feature_unknown_to_the_generator_is_rejected(tmp_path, synthetic
 
 def test_atomic_dataset_dir_replaces_whole_or_leaves_root_untouched(tmp_path):
     root = tmp_path / "ds"
-    with atomic_dataset_dir(root) as tmp:
+    with atomic_dir(root) as tmp:
         (tmp / "a").write_text("1")
-    with pytest.raises(RuntimeError, match="boom"), atomic_dataset_dir(root) as tmp:
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(root) as tmp:
         (tmp / "b").write_text("2")
         raise RuntimeError("boom")
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temp / old dirs left behind
     assert [p.name for p in root.iterdir()] == ["a"]
-    with atomic_dataset_dir(root) as tmp:
+    with atomic_dir(root) as tmp:
         (tmp / "c").write_text("3")
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
     assert [p.name for p in root.iterdir()] == ["c"]  # replaced whole, not merged
