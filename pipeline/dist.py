@@ -14,6 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# torchrun's restart recipe; see shared_store_restarts
+RESTART_RECIPE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --rdzv-backend c10d --max-restarts N"
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,6 +36,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def shared_store_restarts() -> bool:
+    """True when torchrun may restart this worker group on the rendezvous store of the previous group.
+
+    The agent's shared TCPStore (static rendezvous always, c10d unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
+    outlives a restart, and the process group's keys carry no attempt prefix, so a restarted rank may read a
+    dead peer's gloo/NCCL address and fail (`connectFullMesh ... Connection refused`) or hang: pytorch#135712.
+    Measured here (gloo, a rank SIGKILLed): 5 of 12 shared-store jobs failed their restarts (static 2/5,
+    c10d 3/7); with a fresh store per rendezvous 11 of 11 restarted and resumed (reports/reliability.md).
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    return restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 def init_distributed() -> DistInfo:

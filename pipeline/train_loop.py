@@ -34,7 +34,13 @@ from pipeline.checkpoint import (
     load_checkpoint_into,
 )
 from pipeline.config import TrainConfig
-from pipeline.dist import DistInfo, broadcast_object, init_distributed
+from pipeline.dist import (
+    RESTART_RECIPE,
+    DistInfo,
+    broadcast_object,
+    init_distributed,
+    shared_store_restarts,
+)
 from pipeline.early_stop import EarlyStopping, metric_value
 from pipeline.evaluate import collapsed_tasks, evaluate, evaluate_inference_modes
 from pipeline.files import write_json_atomic
@@ -60,6 +66,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # ---- the job: process group, data, run dir, sharded model + optimizer ----------------------------
     info = init_distributed()
     setup_logging(info.rank)
+    if info.is_main and shared_store_restarts():
+        log.warning(
+            "torchrun may restart this group on the previous group's rendezvous store, where a restarted "
+            "rank can read a dead peer's address and fail or hang (pytorch#135712); launch restarts as: %s",
+            RESTART_RECIPE,
+        )
     seed_everything(cfg.trainer.seed)
     schema = Schema.from_dict(cfg.data.schema)
     # Readers first: every split's files, columns and types are checked before a run dir is created.

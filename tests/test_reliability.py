@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.dist import shared_store_restarts
 from tests.test_train_e2e import ROOT, ok, run
 
 pytestmark = pytest.mark.slow
@@ -229,8 +231,11 @@ def test_config_and_path_mistakes_are_one_line_before_any_run_dir(small_dataset,
     assert not (tmp_path / "run").exists()
 
 
-def kill_rank_when(agent: subprocess.Popen, run_dir: Path, rank: str, step: int) -> threading.Thread:
-    """SIGKILL the torchrun worker with RANK=`rank` once the run has logged a train step >= `step`."""
+def kill_rank_when(agent: subprocess.Popen, run_dir: Path, rank: str, step: int) -> list[int]:
+    """SIGKILL the torchrun worker with RANK=`rank` once the checkpoint of `step` is being written (its
+    `.tmp` dir exists) or, should the poll miss that window, once a train step >= `step` is logged.
+    Returns the list the killed pid is appended to."""
+    killed: list[int] = []
 
     def workers() -> list[tuple[int, str | None]]:
         out = []
@@ -244,51 +249,79 @@ def kill_rank_when(agent: subprocess.Popen, run_dir: Path, rank: str, step: int)
                 pass
         return out
 
-    def watch() -> None:
+    def due() -> bool:
+        if (run_dir / "checkpoints" / f".step_{step:08d}.tmp").exists():
+            return True
         log = run_dir / "metrics.jsonl"
-        while agent.poll() is None:
-            if log.exists():
-                steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if '"train"' in x]
-                if steps and max(steps) >= step:
-                    for pid, r in workers():
-                        if r == rank:
-                            os.kill(pid, signal.SIGKILL)
-                            return
-            time.sleep(0.1)
+        steps = (
+            [json.loads(x)["step"] for x in log.read_text().splitlines() if '"train"' in x]
+            if log.exists()
+            else []
+        )
+        return bool(steps) and max(steps) >= step
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    def watch() -> None:
+        while agent.poll() is None:
+            if due():
+                for pid, r in workers():
+                    if r == rank:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                        return
+            time.sleep(0.002)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
 
 
 def test_torchrun_restarts_a_killed_rank_and_the_run_ends_as_an_uninterrupted_one(small_dataset, tmp_path):
     args = (
+        "trainer.epochs=2",
         "trainer.max_steps=60",
-        "trainer.checkpoint_every=20",
+        "trainer.checkpoint_every=10",
         "trainer.eval_every=0",
         "trainer.resume=auto",
     )
     full = tmp_path / "full"
     ok(run(torchrun_train(small_dataset, full, *args)))
-    # the README's recipe: static rendezvous on a fixed endpoint (c10d's re-rendezvous fails under gloo)
-    launcher = ["--nnodes", "1", "--node-rank", "0", "--max-restarts", "2", "--rdzv-backend", "static",
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
+    # the README's recipe: c10d rendezvous with a fresh store per rendezvous (a shared one hands restarted
+    # ranks the dead ones' addresses: pytorch#135712)
+    launcher = ["--nnodes", "1", "--max-restarts", "2", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]  # fmt: skip
     crashed = tmp_path / "crashed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     cmd = torchrun_train(small_dataset, crashed, *args, launcher=launcher)
     agent = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    kill_rank_when(agent, crashed, rank="1", step=30)
+    killed = kill_rank_when(agent, crashed, rank="1", step=30)  # mostly mid-save of step 30's checkpoint
     out, err = agent.communicate(timeout=600)
     assert agent.returncode == 0, err[-4000:]
-    assert "exitcode: -9" in err  # rank 1 was killed ...
-    assert "resumed from" in err and "step_00000020 at step 20" in err  # ... and the restart resumed
+    assert killed, "rank 1 was never killed"
+    resumed = re.findall(r"resumed from \S+/step_(\d+) at step", err)
+    assert resumed in (["00000020"], ["00000030"]), err[-4000:]  # one restart, from a complete checkpoint
+    assert "torchrun may restart this group" not in err  # the recipe's store is not shared
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, crashed))
     for key in ("finish/auc", "skip/auc", "finish/uauc", "skip/uauc"):
         assert b["test"][key] == pytest.approx(a["test"][key], abs=1e-6), key
     keys = [(r["kind"], r["step"]) for r in records(crashed)]
     assert len(keys) == len(set(keys))
+    loss = [{r["step"]: r["loss"] for r in records(d) if r["kind"] == "train"} for d in (full, crashed)]
+    assert loss[1].keys() == loss[0].keys() and all(
+        loss[1][s] == pytest.approx(x, rel=1e-5) for s, x in loss[0].items()
+    )
+    assert not list((crashed / "checkpoints").glob(".*.tmp"))  # the killed save's partial dir is gone
+
+
+def test_restarts_on_a_shared_rendezvous_store_are_detected(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # static, or c10d sharing its store
+    assert shared_store_restarts()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # c10d + TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    assert not shared_store_restarts()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restart, nothing stale to read
+    assert not shared_store_restarts()
 
 
 def test_two_nodes_under_c10d_rendezvous_train_as_one_node_with_column_and_table_wise_shards(
@@ -299,12 +332,12 @@ def test_two_nodes_under_c10d_rendezvous_train_as_one_node_with_column_and_table
     CUDA (asking for it on CPU is one line)."""
     proc = run(python_train(small_dataset, tmp_path / "rw", "+sharding.per_table={item_id:[row_wise]}"))
     assert "sharding: no plan for" in error_lines(proc)[0] and "compute device: cpu" in error_lines(proc)[0]
-    sharding = "+sharding.per_table={item_id:[column_wise],user_id_emb:[column_wise]}"
+    sharding = "+sharding.per_table={item_id:[column_wise],user_id_emb:[column_wise],author_id:[table_wise]}"
     args = ("trainer.max_steps=30", "trainer.eval_every=0", "trainer.final_eval=false", sharding)
     single = tmp_path / "single"
     ok(run(torchrun_train(small_dataset, single, *args)))
     endpoint = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     nodes = []
     for node_rank in (0, 1):
         launcher = ["--nnodes", "2", "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
@@ -320,9 +353,10 @@ def test_two_nodes_under_c10d_rendezvous_train_as_one_node_with_column_and_table
     plan = next(err for _, err in logs if "sharding plan (world size 2)" in err)
     # both kinds of shards, on both nodes (16-wide tables stay one column shard: TorchRec's minimum
     # column partition is wider)
-    assert "item_id                 column_wise  fused   0" in plan
-    assert "user_id_emb             column_wise  fused   1" in plan
-    assert "author_id               table_wise" in plan
+    plan_rows = re.findall(r"  (\w+) +(\w+_wise) +\w+ +([\d,]+) ", plan)  # table, sharding, ranks
+    kinds = {table: kind for table, kind, _ in plan_rows}
+    assert kinds["item_id"] == kinds["user_id_emb"] == "column_wise" and kinds["author_id"] == "table_wise"
+    assert {int(r) for *_, ranks in plan_rows for r in ranks.split(",")} == {0, 1}
     a = {r["step"]: r["loss"] for r in records(single) if r["kind"] == "train"}
     b = {r["step"]: r["loss"] for r in records(tmp_path / "multi") if r["kind"] == "train"}
     assert b.keys() == a.keys() and all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
