@@ -3,9 +3,14 @@
 Design choices:
 - One `EmbeddingBagConfig` per schema table (`Schema.tables()`): features that name the same table share it
   (e.g. the candidate `item_id` and the behaviour sequence's item ids), so one schema drives the tables.
-- A table's pooling is per table in TorchRec. Single-hot features are indifferent (sum == mean of one row),
-  so the pooling comes from the table's multi-valued features; two multi-valued features that disagree are
-  a schema error, raised here with both names.
+- A table's pooling is per table. Single-hot features are indifferent (sum == mean of one row), so the
+  pooling comes from the table's multi-valued features; two multi-valued features that disagree are a
+  schema error, raised here with both names.
+- TorchRec's tables always sum; mean-pooled features are divided by their bag sizes here (`mean_pool`).
+  TorchRec's own mean, under row-wise sharding, divides every feature of the bag collection by its bag
+  size once any row-wise table is mean-pooled (its divisor leaves only row-wise sum features alone;
+  TorchRec 1.8, measured: a table-wise mean feature came out divided twice), so a plan mixing row-wise
+  and other shardings would train and serve another model than the unsharded one.
 - Behaviour sequences (`model.sequence`): `mean_pool` pools them as bags here; `none` leaves them out;
   `longer` looks them up unpooled with an `EmbeddingCollection` (sharded by the planner like the bags),
   together with every other feature on the same tables (e.g. the candidate `item_id` shares the item
@@ -82,19 +87,42 @@ def _tables_for(schema: Schema, keys: list[str]) -> list[tuple[str, dict, list[s
 
 
 def embedding_bag_configs(schema: Schema, keys: list[str] | None = None) -> list[EmbeddingBagConfig]:
-    """The TorchRec bag configs of a schema's features `keys` (default: all), in a stable (sorted) order."""
-    configs = []
-    for table, spec, names in _tables_for(schema, list(schema.sparse_keys) if keys is None else keys):
-        configs.append(
-            EmbeddingBagConfig(
-                name=table,
-                num_embeddings=spec["num_embeddings"],
-                embedding_dim=spec["embedding_dim"],
-                feature_names=names,
-                pooling=_table_pooling(schema, table, names),
-            )
+    """The TorchRec bag configs of a schema's features `keys` (default: all), in a stable (sorted) order.
+    Every table sums; `feature_poolings` says which features `mean_pool` turns into means."""
+    return [
+        EmbeddingBagConfig(
+            name=table,
+            num_embeddings=spec["num_embeddings"],
+            embedding_dim=spec["embedding_dim"],
+            feature_names=names,
+            pooling=PoolingType.SUM,
         )
-    return configs
+        for table, spec, names in _tables_for(schema, list(schema.sparse_keys) if keys is None else keys)
+    ]
+
+
+def feature_poolings(schema: Schema, keys: list[str]) -> dict[str, str]:
+    """{feature: "sum" | "mean"} of the bag-pooled features `keys`: their table's pooling."""
+    return {
+        name: _table_pooling(schema, table, names).value.lower()
+        for table, _, names in _tables_for(schema, keys)
+        for name in names
+    }
+
+
+@torch.fx.wrap  # one node for TorchRec's pipeline tracer: the key bookkeeping is not traceable
+def mean_pool(pooled: KeyedTensor, features: KeyedJaggedTensor, mean_keys: tuple[str, ...]) -> KeyedTensor:
+    """Summed bags -> means for the features in `mean_keys` (an empty bag stays 0)."""
+    keys, batch = features.keys(), features.stride()
+    lengths = features.lengths().view(len(keys), batch).clamp_min(1)  # (F, B), KJT key order
+    table = torch.cat([lengths, lengths.new_ones(1, batch)])  # (F + 1, B); the last row divides sums by 1
+    row = {k: i for i, k in enumerate(keys)}
+    index = [row[k] if k in mean_keys else len(keys) for k in pooled.keys()]
+    dims = pooled.length_per_key()
+    divisor = table[torch.tensor(index, device=table.device)].T  # (B, K), KeyedTensor key order
+    divisor = divisor.repeat_interleave(torch.tensor(dims, device=table.device), dim=1, output_size=sum(dims))
+    values = pooled.values()  # (B, sum of dims)
+    return KeyedTensor(keys=pooled.keys(), length_per_key=dims, values=values / divisor.to(values.dtype))
 
 
 def embedding_configs(schema: Schema, keys: list[str]) -> list[EmbeddingConfig]:
@@ -125,6 +153,8 @@ class SparseArch(nn.Module):
     def __init__(self, schema: Schema, sequence: str = "mean_pool", device: torch.device | None = None):
         super().__init__()
         self.pooled_keys, self.unpooled_keys = input_keys(schema, sequence)
+        self.poolings = feature_poolings(schema, self.pooled_keys)
+        self.mean_keys = tuple(k for k, p in self.poolings.items() if p == "mean")  # fx takes no sets
         self.embedding_bag_collection = EmbeddingBagCollection(
             tables=embedding_bag_configs(schema, self.pooled_keys), device=device
         )
@@ -138,6 +168,8 @@ class SparseArch(nn.Module):
         self, features: KeyedJaggedTensor, unpooled: KeyedJaggedTensor | None = None
     ) -> tuple[KeyedTensor, dict[str, JaggedTensor] | None]:
         pooled = self.embedding_bag_collection(features)
+        if self.mean_keys:
+            pooled = mean_pool(pooled, features, self.mean_keys)
         if self.embedding_collection is None:
             return pooled, None
         return pooled, self.embedding_collection(unpooled)

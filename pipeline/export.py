@@ -81,10 +81,10 @@ def wiring(model: RankingModel, schema: Schema) -> Wiring:
     shared tables): exactly the order `FeatureGroups.parts` concatenates them in."""
     fg = model.feature_groups
     ebc = model.sparse_arch.embedding_bag_collection
-    table_of, pooling_of = {}, {}
+    table_of, pooling_of = {}, dict(model.sparse_arch.poolings)
     for c in ebc.embedding_bag_configs():
         for f in c.feature_names:
-            table_of[f], pooling_of[f] = c.name, c.pooling.name.lower()
+            table_of[f] = c.name
     loose_pooling = dict(model.pooled_unpooled)
     if model.sparse_arch.embedding_collection is not None:
         for c in model.sparse_arch.embedding_collection.embedding_configs():

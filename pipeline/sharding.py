@@ -11,6 +11,7 @@ import logging
 
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.types import KernelConfig, PlannerError, TopologyFactory
@@ -34,9 +35,16 @@ def _check_types(where: str, types: list[str]) -> list[str]:
     return list(types)
 
 
-def planner_constraints(cfg: ShardingConfig, table_names: list[str]) -> dict[str, ParameterConstraints]:
-    """Per-table `ParameterConstraints` from `sharding.types` and `sharding.per_table`."""
+def planner_constraints(
+    cfg: ShardingConfig, table_names: list[str], device_type: str = "cuda"
+) -> dict[str, ParameterConstraints]:
+    """Per-table `ParameterConstraints` from `sharding.types` and `sharding.per_table`.
+
+    On CPU, row_wise is used only for the tables `sharding.per_table` names it for: offered everywhere,
+    TorchRec's CPU cost model puts every table row-wise, a plan nobody has tuned on CPU."""
     default = _check_types("sharding.types", list(cfg.types))
+    if device_type == "cpu":
+        default = [t for t in default if t != ShardingType.ROW_WISE.value] or default
     unknown = sorted(set(cfg.per_table) - set(table_names))
     if unknown:
         raise ValueError(f"sharding.per_table: unknown table(s) {unknown} (tables: {sorted(table_names)})")
@@ -48,6 +56,29 @@ def planner_constraints(cfg: ShardingConfig, table_names: list[str]) -> dict[str
         )
         for name in table_names
     }
+
+
+class RowWiseOnCPUEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """TorchRec's bag sharder, also offering row_wise on CPU.
+
+    TorchRec 1.8 offers row-wise bags only on CUDA, yet its row-wise path (FBGEMM's CPU block bucketize,
+    gloo reduce-scatter of the pooled rows) trains correctly on CPU: a 2-rank row-wise run's losses equal
+    the table-wise run's (tests/test_reliability.py), which CPU clusters need to split a table larger than
+    one host. The unpooled counterpart, TorchRec's EmbeddingCollection sharder, offers row_wise everywhere.
+    """
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        row_wise = ShardingType.ROW_WISE.value
+        return types + [row_wise] if compute_device_type == "cpu" and row_wise not in types else types
+
+
+def sharders() -> list:
+    """TorchRec's default sharders, with the bag sharder that also shards row-wise on CPU."""
+    return [
+        RowWiseOnCPUEmbeddingBagCollectionSharder() if type(s) is EmbeddingBagCollectionSharder else s
+        for s in get_default_sharders()
+    ]
 
 
 def plan_table(plan: ShardingPlan) -> str:
@@ -80,18 +111,17 @@ def shard_model(
         PlannerTrainerConfig(world_size=info.world_size, local_world_size=info.local_world_size),
         kernel_config=KernelConfig(compute_device=info.device.type),
     )
-    planner = EmbeddingShardingPlanner(
-        topology=topology, batch_size=batch_size, constraints=planner_constraints(cfg, schema_tables)
-    )
-    sharders = get_default_sharders()
+    constraints = planner_constraints(cfg, schema_tables, info.device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+    model_sharders = sharders()
     try:
-        plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    except (PlannerError, RuntimeError) as e:  # e.g. row_wise on CPU: TorchRec offers it only on CUDA
+        plan = planner.collective_plan(model, model_sharders, dist.GroupMember.WORLD)
+    except (PlannerError, RuntimeError) as e:  # e.g. a table too large for any allowed sharding type
         raise ValueError(f"sharding: no plan for sharding.types={cfg.types} per_table={cfg.per_table} on "
                          f"{info.device.type}: {str(e).strip().splitlines()[0]}") from None  # fmt: skip
     if info.is_main:
         log.info("sharding plan (world size %d):\n%s", info.world_size, plan_table(plan))
-    dmp = DistributedModelParallel(module=model, device=info.device, plan=plan, sharders=sharders)
+    dmp = DistributedModelParallel(module=model, device=info.device, plan=plan, sharders=model_sharders)
     return dmp, plan
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -324,25 +325,37 @@ def test_restarts_on_a_shared_rendezvous_store_are_detected(monkeypatch):
     assert not shared_store_restarts()
 
 
-def test_two_nodes_under_c10d_rendezvous_train_as_one_node_with_column_and_table_wise_shards(
+def test_two_nodes_under_c10d_rendezvous_train_as_one_node_with_row_column_and_table_wise_shards(
     small_dataset, tmp_path
 ):
-    """Two torchrun agents (1 process each, as on 2 machines) vs one agent with 2 processes; the big tables
-    column-wise, the others table-wise, over both nodes. Row-wise sharding: TorchRec 1.8 offers it only on
-    CUDA (asking for it on CPU is one line)."""
-    proc = run(python_train(small_dataset, tmp_path / "rw", "+sharding.per_table={item_id:[row_wise]}"))
+    """From one table-wise checkpoint (step 10; a plan's shards initialise their rows differently, so runs
+    compare from common weights), train to step 30 on two torchrun agents (1 process each, as on 2
+    machines) and on one agent with 2 processes, with item_id row-wise, user_id_emb column-wise and
+    author_id table-wise over both nodes; and table-wise. Row-wise on CPU is planned by pipeline.sharding
+    (TorchRec 1.8 plans it only on CUDA); mean pooling is the sparse arch's, as TorchRec's would divide
+    the other tables' features again."""
+    trw = "+sharding.per_table={item_id:[table_row_wise]}"  # CUDA-only in TorchRec 1.8
+    proc = run(python_train(small_dataset, tmp_path / "trw", trw))
     assert "sharding: no plan for" in error_lines(proc)[0] and "compute device: cpu" in error_lines(proc)[0]
-    sharding = "+sharding.per_table={item_id:[column_wise],user_id_emb:[column_wise],author_id:[table_wise]}"
-    args = ("trainer.max_steps=30", "trainer.eval_every=0", "trainer.final_eval=false", sharding)
-    single = tmp_path / "single"
-    ok(run(torchrun_train(small_dataset, single, *args)))
+    common = ("trainer.eval_every=0", "trainer.final_eval=false", "trainer.checkpoint_every=10")
+    table_wise = "sharding.types=[table_wise]"
+    start = tmp_path / "start"
+    ok(run(torchrun_train(small_dataset, start, *common, "trainer.max_steps=10", table_wise)))
+    runs = {name: tmp_path / name for name in ("table_wise", "single", "multi")}
+    for d in runs.values():
+        shutil.copytree(start, d)
+    args = (*common, "trainer.max_steps=30", "trainer.resume=auto")
+    ok(run(torchrun_train(small_dataset, runs["table_wise"], *args, table_wise)))
+    mixed = "+sharding.per_table={item_id:[row_wise],user_id_emb:[column_wise],author_id:[table_wise]}"
+    args = (*args, mixed)
+    ok(run(torchrun_train(small_dataset, runs["single"], *args)))
     endpoint = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     nodes = []
     for node_rank in (0, 1):
         launcher = ["--nnodes", "2", "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
                     "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes"]  # fmt: skip
-        cmd = torchrun_train(small_dataset, tmp_path / "multi", *args, nproc=1, launcher=launcher)
+        cmd = torchrun_train(small_dataset, runs["multi"], *args, nproc=1, launcher=launcher)
         nodes.append(
             subprocess.Popen(
                 cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -351,12 +364,17 @@ def test_two_nodes_under_c10d_rendezvous_train_as_one_node_with_column_and_table
     logs = [n.communicate(timeout=600) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], logs[0][1][-3000:] + logs[1][1][-3000:]
     plan = next(err for _, err in logs if "sharding plan (world size 2)" in err)
-    # both kinds of shards, on both nodes (16-wide tables stay one column shard: TorchRec's minimum
+    # the three kinds of shards, on both nodes (16-wide tables stay one column shard: TorchRec's minimum
     # column partition is wider)
     plan_rows = re.findall(r"  (\w+) +(\w+_wise) +\w+ +([\d,]+) ", plan)  # table, sharding, ranks
-    kinds = {table: kind for table, kind, _ in plan_rows}
-    assert kinds["item_id"] == kinds["user_id_emb"] == "column_wise" and kinds["author_id"] == "table_wise"
+    shards = {table: (kind, ranks) for table, kind, ranks in plan_rows}
+    assert shards["item_id"] == ("row_wise", "0,1")
+    assert shards["user_id_emb"][0] == "column_wise" and shards["author_id"][0] == "table_wise"
     assert {int(r) for *_, ranks in plan_rows for r in ranks.split(",")} == {0, 1}
-    a = {r["step"]: r["loss"] for r in records(single) if r["kind"] == "train"}
-    b = {r["step"]: r["loss"] for r in records(tmp_path / "multi") if r["kind"] == "train"}
-    assert b.keys() == a.keys() and all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
+    loss = {
+        name: {r["step"]: r["loss"] for r in records(d) if r["kind"] == "train"} for name, d in runs.items()
+    }
+    assert list(loss["single"]) == [10, 20, 30]
+    for name in ("multi", "table_wise"):  # two nodes = one node; row-wise = table-wise
+        assert loss[name].keys() == loss["single"].keys(), name
+        assert all(loss[name][s] == pytest.approx(x, rel=1e-5) for s, x in loss["single"].items()), name

@@ -215,3 +215,28 @@ def test_longer_tokens_come_from_the_schema_roles_and_a_missing_role_is_a_schema
         Schema.from_dict({**SCHEMA.to_dict(), "roles": {"candidate": ["author"]}})
     with pytest.raises(SchemaError, match=r"schema.roles.owner: unknown key"):
         Schema.from_dict({**SCHEMA.to_dict(), "roles": {"owner": ["user"]}})
+
+
+def test_mean_pooled_bags_are_sums_divided_by_bag_size_and_empty_bags_are_zero():
+    """TorchRec's tables sum; the sparse arch divides the mean features (the sequence here) itself."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from models.sparse_arch import SparseArch
+
+    arch = SparseArch(SCHEMA, sequence="mean_pool")
+    assert arch.poolings == {"u": "sum", "item": "mean", "s_item": "mean", "s_act": "mean"}
+    ids = {"u": [[1], [2]], "item": [[3], [4]], "s_item": [[5, 6, 7], []], "s_act": [[1, 1], [2]]}
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=arch.pooled_keys,
+        values=torch.tensor([i for k in arch.pooled_keys for bag in ids[k] for i in bag]),
+        lengths=torch.tensor([len(bag) for k in arch.pooled_keys for bag in ids[k]]),
+    )
+    pooled, _ = arch(kjt)
+    out = pooled.to_dict()
+    ebc = arch.embedding_bag_collection
+    weight = {c.name: t.weight for c, t in zip(ebc.embedding_bag_configs(), ebc.embedding_bags.values())}
+    item, act = weight["item"], weight["s_act"]
+    torch.testing.assert_close(out["s_item"][0], item[[5, 6, 7]].mean(0))
+    torch.testing.assert_close(out["s_item"][1], torch.zeros(8))
+    torch.testing.assert_close(out["s_act"][1], act[2])
+    torch.testing.assert_close(out["u"][0], weight["u"][1])  # summed (one row)
