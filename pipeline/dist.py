@@ -45,7 +45,7 @@ def shared_store_restarts() -> bool:
     outlives a restart, and the process group's keys carry no attempt prefix, so a restarted rank may read a
     dead peer's gloo/NCCL address and fail (`connectFullMesh ... Connection refused`) or hang: pytorch#135712.
     Measured here (gloo, a rank SIGKILLed): 5 of 12 shared-store jobs failed their restarts (static 2/5,
-    c10d 3/7); with a fresh store per rendezvous 11 of 11 restarted and resumed (reports/reliability.md).
+    c10d 3/7); with a fresh store per rendezvous 12 of 12 restarted and resumed (reports/reliability.md).
     """
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     return restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
