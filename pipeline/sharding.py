@@ -36,7 +36,7 @@ def _check_types(where: str, types: list[str]) -> list[str]:
 
 
 def planner_constraints(
-    cfg: ShardingConfig, table_names: list[str], device_type: str = "cuda"
+    cfg: ShardingConfig, table_names: list[str], device_type: str
 ) -> dict[str, ParameterConstraints]:
     """Per-table `ParameterConstraints` from `sharding.types` and `sharding.per_table`.
 
