@@ -136,7 +136,7 @@ def run_cell(
         return json.loads(metrics.read_text())
     if run_dir.exists():  # an interrupted run: start over (its checkpoints belong to a partial run)
         shutil.rmtree(run_dir)
-    log = run_dir.with_suffix(".log")
+    log = run_dir.with_name(run_dir.name + ".log")  # not with_suffix: "lr_0.003-seed0" has a "."
     log.parent.mkdir(parents=True, exist_ok=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd = [
@@ -280,14 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         if (cell.label, params) in previous:
             result["speed"] = previous[(cell.label, params)]
         results.append(result)
-        aggregate(results)
+        aggregate(results, cfg.select)
         write_report(cfg, results, out, cfg.seeds, args.quick)  # a partial report after every cell
     if cfg.measure_speed:
         torch.set_num_threads(os.cpu_count() or 1)
         for result, (_, _, composed, _, _) in zip(results, planned):
             if not result.get("speed"):
                 result["speed"] = measure_dense_speed(composed)
-    aggregate(results)
+    aggregate(results, cfg.select)
     write_report(cfg, results, out, cfg.seeds, args.quick)
     failed = sum(r is None for c in results for r in c["runs"])
     print(f"report: {out / 'README.md'} ({time.time() - t0:.0f} s, {failed} failed runs)", flush=True)

@@ -40,7 +40,7 @@ from optuna.trial import TrialState
 
 from launch import experiment
 from launch.sweep_config import ArchSearch, ParamSpec, SearchConfig, SweepConfig
-from launch.sweep_report import write_search_report
+from launch.sweep_report import read_valid_records, write_search_report
 from pipeline.early_stop import metric_value as selection_metric
 
 MAX_CONSECUTIVE_FAILURES = 3  # a broken arch config fails every trial: give up on the arch after this many
@@ -57,14 +57,6 @@ def metric_value(record: dict, metric: str) -> float | None:
         return float(selection_metric(record, metric))
     except ValueError:
         return None
-
-
-def read_valid_records(path: Path) -> list[dict]:
-    """The "valid" records of a metrics.jsonl (complete lines only)."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().split("\n")[:-1]  # the last piece is "" or a line still being written
-    return [r for r in map(json.loads, filter(None, lines)) if r.get("kind") == "valid"]
 
 
 def finished_value(run_dir: Path, metrics: dict | None, metric: str) -> float | None:
@@ -249,10 +241,13 @@ def write_tuned(
     values), except the dataset choice (`data=`: the caller's, e.g. `make train DATA=... RECIPE=...`)
     and display settings."""
     recipe = [o for o in [*tuned, *cfg.overrides] if not o.startswith(("data=", "trainer.progress_bar="))]
+    shown = path.resolve()
+    if shown.is_relative_to(Path.cwd()):  # the default report dir is absolute; the README runs from the repo
+        shown = shown.relative_to(Path.cwd())
     header = (
         f"# {cfg.name}: {arch}'s chosen overrides (trial {best.number}, valid {cfg.search.metric} "
         f"{best.value:.4f}), selected on the validation split.\n"
-        f"#   make train DATA=<the search's data> RECIPE={path.as_posix()}\n"
+        f"#   make train DATA=<the search's data> RECIPE={shown.as_posix()}\n"
     )
     path.write_text(header + yaml.safe_dump(recipe, default_flow_style=False, sort_keys=False))
 

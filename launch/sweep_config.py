@@ -20,6 +20,7 @@ class Cell:
     overrides: list[str] = field(default_factory=list)  # launch/train.py overrides (model=..., model.x=...)
     x: float | None = None  # x of "x" plots (e.g. the active ratio)
     params_budget: float | None = None  # solve the arch's scale field for this many dense params
+    group: str = ""  # cells that compete in the sweep's `select` ("" = the line)
 
 
 @dataclass
@@ -92,6 +93,9 @@ class SweepConfig:
     overrides: list[str] = field(default_factory=list)  # applied to every cell, before the cell's own
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     reference: str = ""  # label of the row that deltas are relative to ("" = no deltas)
+    # a validation AUC (mean_auc / mean_uauc / "<task>/auc" / "<task>/uauc"): the report then chooses, per
+    # cell group, the cell with the best seed-mean of it at each run's selected step ("" = no selection)
+    select: str = ""
     cells: list[Cell] = field(default_factory=list)
     budget_grid: BudgetGrid | None = None
     plots: list[Plot] = field(default_factory=list)
@@ -131,6 +135,12 @@ def load_sweep(path: Path, quick: bool) -> tuple[SweepConfig, list[Cell]]:
         )
     if cfg.reference and cfg.reference not in labels:
         raise SystemExit(f"error: {path}: reference {cfg.reference!r} is not a cell label")
+    if cfg.select and not re.fullmatch(r"mean_u?auc|[A-Za-z0-9_.-]+/u?auc", cfg.select):
+        # higher is better for the choice: AUCs only, not a loss
+        raise SystemExit(
+            f"error: {path}: select: {cfg.select!r} is not a validation AUC "
+            "(mean_auc, mean_uauc, <task>/auc or <task>/uauc)"
+        )
     return cfg, cells
 
 

@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 from launch.sweep_config import Plot, SweepConfig
+from pipeline.early_stop import metric_value
 
 METRICS = ("finish/auc", "skip/auc", "finish/uauc", "skip/uauc")
 
@@ -21,7 +22,9 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def aggregate(cells: list[dict]) -> list[dict]:
+def aggregate(cells: list[dict], select: str = "") -> list[dict]:
+    """Each cell's test metrics over its seeds; with `select` (a validation metric) also each cell's
+    validation value at its runs' selected steps, and `chosen`: the best cell of its group."""
     for cell in cells:
         runs = [r for r in cell["runs"] if r is not None]
         cell["seeds_ok"] = len(runs)
@@ -35,7 +38,51 @@ def aggregate(cells: list[dict]) -> list[dict]:
         cell["activated_flops"] = statistics.fmean(flops) if flops else cell["dense_flops"]
         sps = [r["train_samples_per_s"] for r in runs if r.get("train_samples_per_s")]
         cell["pipeline_samples_per_s"] = statistics.fmean(sps) if sps else math.nan
+        if select:
+            cell["valid_stats"] = {
+                m: _mean_spread([metric_value(r["valid"], m) for r in runs if r.get("valid")])
+                for m in (select, *[m for m in METRICS[:2] if m != select])
+            }
+    if select:
+        _choose(cells, select)
     return cells
+
+
+def _choose(cells: list[dict], select: str) -> None:
+    """Mark the cell with the best seed-mean validation `select` of each group (higher is better, as
+    early stopping's metrics). A cell with a collapsed or failed run is never chosen."""
+    groups: dict[str, list[dict]] = {}
+    for c in cells:
+        groups.setdefault(c.get("group") or c.get("line") or c["label"], []).append(c)
+    for members in groups.values():
+        eligible = [
+            c
+            for c in members
+            if c["seeds_ok"] == len(c["runs"])
+            and not math.isnan(c["valid_stats"][select][0])
+            and not any(r.get("collapsed") for r in c["runs"])
+        ]
+        best = max(eligible, key=lambda c: c["valid_stats"][select][0], default=None)
+        for c in members:
+            c["chosen"] = c is best
+
+
+def selection_table(cfg: SweepConfig, cells: list[dict]) -> str:
+    """Validation metrics at each run's selected step (the early-stopping checkpoint), and the choice."""
+    metrics = list(cells[0]["valid_stats"]) if cells else [cfg.select]
+    head = ["group", "cell", *[f"valid {m}" for m in metrics], "selected step / steps run", "stop", "chosen"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cells:
+        runs = [r for r in c["runs"] if r is not None]
+        steps = ", ".join(f"{r['selected_step']} / {r['steps']}" for r in runs)
+        stops = ", ".join(sorted({r["stop_reason"] for r in runs}))
+        if any(r.get("collapsed") for r in runs):
+            stops += " (collapsed)"
+        row = [c.get("group") or c.get("line") or c["label"], c["label"]]
+        row += [_fmt(c["valid_stats"].get(m)) for m in metrics]
+        row += [steps or "failed", stops, "**yes**" if c.get("chosen") else ""]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(stat: tuple[float, float] | None, digits: int = 4) -> str:
@@ -84,6 +131,58 @@ def markdown_table(cfg: SweepConfig, cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def read_valid_records(path: Path) -> list[dict]:
+    """The "valid" records of a run's metrics.jsonl (complete lines only)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().split("\n")[:-1]  # the last piece is "" or a line still being written
+    return [r for r in map(json.loads, filter(None, lines)) if r.get("kind") == "valid"]
+
+
+def plot_learning_curves(
+    curves: dict[str, list[dict | None]], metric: str, title: str, path: Path
+) -> Path | None:
+    """Validation `metric` against the trainer step, one line per name: the mean over its runs (seeds) at
+    the steps every run validated, their min-max shaded, a dot at each run's selected step. Runs whose
+    metrics.jsonl is gone (a report rebuilt elsewhere) are left out; None if no curve is left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    drawn = 0
+    for name, runs in curves.items():
+        per_run = []
+        for run in filter(lambda r: r and r.get("run_dir"), runs):
+            records = read_valid_records(Path(run["run_dir"]) / "metrics.jsonl")
+            values = {r["step"]: metric_value(r, metric) for r in records}
+            if values:
+                per_run.append((values, run.get("selected_step")))
+        if not per_run:
+            continue
+        steps = sorted(set.intersection(*(set(v) for v, _ in per_run)))
+        ys = [[v[s] for v, _ in per_run] for s in steps]
+        (line,) = ax.plot(steps, [statistics.fmean(y) for y in ys], marker=".", label=name)
+        if len(per_run) > 1:
+            ax.fill_between(
+                steps, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2
+            )
+        chosen = [(sel, v[sel]) for v, sel in per_run if sel in v]
+        ax.scatter([c[0] for c in chosen], [c[1] for c in chosen], color=line.get_color(), zorder=3)
+        drawn += 1
+    if drawn:
+        ax.set_xlabel("trainer step")
+        ax.set_ylabel(f"valid {metric}")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path if drawn else None
+
+
 def plot(cfg: SweepConfig, cells: list[dict], spec: Plot, out: Path) -> Path:
     import matplotlib
 
@@ -121,6 +220,11 @@ def write_report(cfg: SweepConfig, cells: list[dict], out: Path, seeds: list[int
         json.dumps({"config": dataclasses.asdict(cfg), "cells": cells}, indent=1)
     )
     pngs = [plot(cfg, cells, spec, out) for spec in cfg.plots]
+    curves = None
+    if cfg.select:
+        chosen = {c["label"]: c["runs"] for c in cells if c.get("chosen")}
+        title = f"{cfg.name}: validation curves of the chosen cells"
+        curves = plot_learning_curves(chosen, cfg.select, title, out / "valid_curves.png")
     text = [
         f"# {cfg.name}{' (quick grid)' if quick else ''}",
         "",
@@ -139,6 +243,20 @@ def write_report(cfg: SweepConfig, cells: list[dict], out: Path, seeds: list[int
         markdown_table(cfg, cells),
         "",
         *[f"![{p.stem}]({p.name})" for p in pngs],
+        *(
+            [
+                "",
+                "## Selection on validation",
+                "",
+                f"Per group the cell with the best validation `{cfg.select}` (seed mean, each run at its "
+                "selected step) is chosen; the test table above is for the record, never for choosing.",
+                "",
+                selection_table(cfg, cells),
+                *(["", f"![validation curves of the chosen cells]({curves.name})"] if curves else []),
+            ]
+            if cfg.select
+            else []
+        ),
         "",
         "Per-cell overrides:",
         "",
@@ -225,6 +343,10 @@ def write_search_report(cfg: SweepConfig, archs: list[dict], out: Path, quick: b
         json.dumps({"config": dataclasses.asdict(cfg), "archs": archs}, indent=1)
     )
     png = plot_best_so_far(cfg, archs, out)
+    title = f"{cfg.name}: validation curves of the final runs (seeds {cfg.seeds})"
+    curves = plot_learning_curves(
+        {a["arch"]: a["runs"] for a in archs}, search.metric, title, out / "valid_curves.png"
+    )
     tasks = _task_metrics(archs)
     head = ["arch", "chosen settings", f"valid {search.metric} (best trial)"]
     head += [f"test {m.replace('/', ' ').replace('uauc', 'UAUC').replace('auc', 'AUC')}" for m in tasks]
@@ -257,6 +379,17 @@ def write_search_report(cfg: SweepConfig, archs: list[dict], out: Path, quick: b
         "",
         f"![best valid {search.metric} so far]({png.name})",
         "",
+        *(
+            [
+                "Learning curves of the final runs (mean over seeds, min-max shaded, dots at the steps "
+                "early stopping selected):",
+                "",
+                f"![validation curves]({curves.name})",
+                "",
+            ]
+            if curves
+            else []
+        ),
     ]
     for a in archs:
         text += [f"## {a['arch']}", "", f"Base overrides: `{' '.join(a['overrides'])}`", ""]

@@ -48,6 +48,7 @@ quick: {overrides: [trainer.max_steps=5], seeds: [7], budgets: [1000000], refere
         ("name: t\ncells: [{label: a, overides: []}]\n", "overides"),
         ("name: t\nreference: nope\ncells: [{label: a}]\n", "reference 'nope'"),
         ("name: t\ncells: [{label: a}, {label: a}]\n", r"duplicate cell labels \['a'\]"),
+        ("name: t\nselect: finish/logloss\ncells: [{label: a}]\n", "select: 'finish/logloss' is not a valid"),
     ],
 )
 def test_bad_sweep_config_is_rejected_naming_the_problem(tmp_path: Path, body: str, message: str):
@@ -109,6 +110,52 @@ def test_rereport_reuses_earlier_speeds_and_partial_reports_keep_them(
     assert speeds() == first[:1]  # the partial report written after cell a kept a's speed
 
 
+def test_select_chooses_per_group_the_best_validation_cell_never_a_collapsed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # valid mean AUC per (cell, seed); the test split disagrees on purpose: the choice must not look at it
+    valid = {"a1": [0.70, 0.72], "a2": [0.74, 0.70], "b1": [0.60, 0.60], "b2": [0.80, 0.80]}
+
+    def fake_run(overrides, run_dir, seed, nproc):
+        label = run_dir.name.split("-seed")[0]
+        run_dir.mkdir(parents=True)
+        curve = [
+            {"kind": "valid", "step": step, "finish/auc": v, "skip/auc": v}
+            for step, v in [(10, valid[label][seed])]
+        ]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+        return {
+            "run_dir": str(run_dir),
+            "test": dict.fromkeys(METRICS, 0.9 if label == "a1" else 0.6),
+            "valid": {"finish/auc": valid[label][seed], "skip/auc": valid[label][seed]},
+            "train_samples_per_s": 1.0,
+            "selected_step": 10,
+            "steps": 20,
+            "stop_reason": "epochs",
+            "collapsed": ["finish"] if label == "b2" else [],
+        }
+
+    monkeypatch.setattr(experiment, "run_cell", fake_run)
+    cells = ", ".join(
+        f"{{label: {c}, group: {c[0]}, overrides: [model=dlrm]}}" for c in ("a1", "a2", "b1", "b2")
+    )
+    cfg_path = write(
+        tmp_path / "s.yaml",
+        f"name: t\nseeds: [0, 1]\nmeasure_speed: false\nselect: mean_auc\ncells: [{cells}]",
+    )
+    out = tmp_path / "report"
+    assert main([str(cfg_path), "--out", str(out)]) == 0
+    got = json.loads((out / "results.json").read_text())["cells"]
+    # a2's seed mean (0.72) beats a1's (0.71) although a1 has the best test and the best single seed
+    assert {c["label"]: c["chosen"] for c in got} == {"a1": False, "a2": True, "b1": True, "b2": False}
+    assert got[1]["valid_stats"]["mean_auc"][0] == pytest.approx(0.72)
+    readme = (out / "README.md").read_text()
+    assert "## Selection on validation" in readme
+    assert "| a | a2 | 0.7200 ± 0.0283 |" in readme and "epochs (collapsed)" in readme
+    assert "![validation curves of the chosen cells](valid_curves.png)" in readme
+    assert (out / "valid_curves.png").stat().st_size > 1000
+
+
 @pytest.mark.slow
 def test_two_rank_sweep_writes_table_plots_results_and_skips_finished_runs(
     small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
@@ -125,7 +172,7 @@ reference: rankmixer
 measure_speed: true
 cells:
   - {{label: rankmixer, x: 1, overrides: [model=rankmixer_tiny, model.dense.dim=16]}}
-  - {{label: smoe, x: 0.5, overrides: [model=rankmixer_tiny, model.dense.dim=16, model.dense.ffn=smoe,
+  - {{label: smoe x0.5, x: 0.5, overrides: [model=rankmixer_tiny, model.dense.dim=16, model.dense.ffn=smoe,
                                        model.dense.moe_num_experts=4, model.dense.moe_expert_mult=0.5]}}
 plots: [{{file: auc.png, y: finish/auc, x: x}}]
 """,
@@ -133,10 +180,20 @@ plots: [{{file: auc.png, y: finish/auc, x: x}}]
     out = tmp_path / "report"
     assert main([str(cfg_path), "--out", str(out)]) == 0
     readme = (out / "README.md").read_text()
-    assert "| rankmixer |" in readme and "| smoe |" in readme and "Δ %" in readme and "active ratio" in readme
+    assert (
+        "| rankmixer |" in readme
+        and "| smoe x0.5 |" in readme
+        and "Δ %" in readme
+        and "active ratio" in readme
+    )
     assert (out / "auc.png").stat().st_size > 1000
     cells = json.loads((out / "results.json").read_text())["cells"]
-    assert [c["label"] for c in cells] == ["rankmixer", "smoe"]
+    assert [c["label"] for c in cells] == ["rankmixer", "smoe x0.5"]
+    # each run's own log, also for a label with a "." (Path.with_suffix once cut it to "smoe_x0.log")
+    assert sorted(p.name for p in (out / "runs").glob("*.log")) == [
+        "rankmixer-seed0.log",
+        "smoe_x0.5-seed0.log",
+    ]
     for cell in cells:
         assert 0.4 < cell["stats"]["finish/auc"][0] < 1.0 and cell["speed"]["samples_per_s"] > 0
     smoe = cells[1]
