@@ -150,7 +150,9 @@ def plot_learning_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(8.4, 4.4))
+    if len(curves) > 10:  # the default cycle repeats its 10 colours
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     drawn = 0
     for name, runs in curves.items():
         per_run = []
@@ -176,7 +178,7 @@ def plot_learning_curves(
         ax.set_ylabel(f"valid {metric}")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves cross
         fig.tight_layout()
         fig.savefig(path, dpi=120)
     plt.close(fig)
