@@ -38,14 +38,20 @@ def aggregate(cells: list[dict], select: str = "") -> list[dict]:
         cell["activated_flops"] = statistics.fmean(flops) if flops else cell["dense_flops"]
         sps = [r["train_samples_per_s"] for r in runs if r.get("train_samples_per_s")]
         cell["pipeline_samples_per_s"] = statistics.fmean(sps) if sps else math.nan
-        if select:
+        if select:  # the selection metric, then each task's AUC (the tasks the runs validated)
+            valids = [r["valid"] for r in runs if r.get("valid")]
+            tasks = [k for k in (valids[0] if valids else {}) if k.endswith("/auc") and k != select]
             cell["valid_stats"] = {
-                m: _mean_spread([metric_value(r["valid"], m) for r in runs if r.get("valid")])
-                for m in (select, *[m for m in METRICS[:2] if m != select])
+                m: _mean_spread([metric_value(v, m) for v in valids if m == select or m in v])
+                for m in (select, *tasks)
             }
     if select:
         _choose(cells, select)
     return cells
+
+
+def _group(cell: dict) -> str:
+    return cell.get("group") or cell.get("line") or cell["label"]
 
 
 def _choose(cells: list[dict], select: str) -> None:
@@ -53,7 +59,7 @@ def _choose(cells: list[dict], select: str) -> None:
     early stopping's metrics). A cell with a collapsed or failed run is never chosen."""
     groups: dict[str, list[dict]] = {}
     for c in cells:
-        groups.setdefault(c.get("group") or c.get("line") or c["label"], []).append(c)
+        groups.setdefault(_group(c), []).append(c)
     for members in groups.values():
         eligible = [
             c
@@ -78,7 +84,7 @@ def selection_table(cfg: SweepConfig, cells: list[dict]) -> str:
         stops = ", ".join(sorted({r["stop_reason"] for r in runs}))
         if any(r.get("collapsed") for r in runs):
             stops += " (collapsed)"
-        row = [c.get("group") or c.get("line") or c["label"], c["label"]]
+        row = [_group(c), c["label"]]
         row += [_fmt(c["valid_stats"].get(m)) for m in metrics]
         row += [steps or "failed", stops, "**yes**" if c.get("chosen") else ""]
         lines.append("| " + " | ".join(row) + " |")

@@ -127,7 +127,7 @@ def test_select_chooses_per_group_the_best_validation_cell_never_a_collapsed_one
         return {
             "run_dir": str(run_dir),
             "test": dict.fromkeys(METRICS, 0.9 if label == "a1" else 0.6),
-            "valid": {"finish/auc": valid[label][seed], "skip/auc": valid[label][seed]},
+            "valid": {"click/auc": valid[label][seed], "like/auc": valid[label][seed]},  # any task names
             "train_samples_per_s": 1.0,
             "selected_step": 10,
             "steps": 20,
@@ -150,7 +150,10 @@ def test_select_chooses_per_group_the_best_validation_cell_never_a_collapsed_one
     assert {c["label"]: c["chosen"] for c in got} == {"a1": False, "a2": True, "b1": True, "b2": False}
     assert got[1]["valid_stats"]["mean_auc"][0] == pytest.approx(0.72)
     readme = (out / "README.md").read_text()
-    assert "## Selection on validation" in readme
+    assert (
+        "## Selection on validation" in readme
+        and "| valid mean_auc | valid click/auc | valid like/auc |" in readme
+    )
     assert "| a | a2 | 0.7200 ± 0.0283 |" in readme and "epochs (collapsed)" in readme
     assert "![validation curves of the chosen cells](valid_curves.png)" in readme
     assert (out / "valid_curves.png").stat().st_size > 1000
