@@ -120,7 +120,7 @@ def test_select_chooses_per_group_the_best_validation_cell_never_a_collapsed_one
         label = run_dir.name.split("-seed")[0]
         run_dir.mkdir(parents=True)
         curve = [
-            {"kind": "valid", "step": step, "finish/auc": v, "skip/auc": v}
+            {"kind": "valid", "step": step, "click/auc": v, "like/auc": v}
             for step, v in [(10, valid[label][seed])]
         ]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
