@@ -9,7 +9,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c requirements/
 # The CUDA stack only when an NVIDIA GPU is really there; otherwise the CPU stack.
 STACK := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP := $(VENV)/.stamp-$(STACK)
-# DATA=synthetic (default): the generated dataset. DATA=ml100k: MovieLens-100K, converted (data/ml100k.py)
+# DATA=synthetic (default): the generated dataset. DATA=ml100k: MovieLens-100K, converted (data/build/ml100k.py)
 # from the recbole==1.2.1 wheel, which is pip-downloaded into $(WHEEL_DIR) (no data is vendored here).
 DATA ?= synthetic
 DATA_ROOT := datasets/$(DATA)
@@ -35,12 +35,12 @@ $(STAMP): requirements/common.txt requirements/$(STACK).txt requirements/torchre
 	rm -f $(VENV)/.stamp-* && touch $@
 
 datasets/synthetic/dataset.json: | $(STAMP)
-	$(PY) -m data.generate --config conf/data/synthetic.yaml --root datasets/synthetic
+	$(PY) -m data.build.generate --config conf/data/synthetic.yaml --root datasets/synthetic
 
 datasets/ml100k/dataset.json: | $(STAMP)
 	test -f $(ML100K_WHEEL) || $(ML100K_PIP) --quiet || { echo "make data: pip could not download \
 	recbole==1.2.1 (the MovieLens-100K source); retry: $(ML100K_PIP)" >&2; exit 1; }
-	$(PY) -m data.ml100k --root datasets/ml100k --wheel-dir $(WHEEL_DIR)
+	$(PY) -m data.build.ml100k --root datasets/ml100k --wheel-dir $(WHEEL_DIR)
 
 data: venv $(DATA_ROOT)/dataset.json
 

@@ -1,5 +1,5 @@
 """Writing a dataset directory `<root>/{train,valid,test}/part-*.parquet + dataset.json`, shared by the
-synthetic generator (data.generate) and the MovieLens-100K converter (data.ml100k): `atomic_dir`
+synthetic generator (data.build.generate) and the MovieLens-100K converter (data.build.ml100k): `atomic_dir`
 builds the whole directory in a sibling temp directory and swaps it in only once complete, `part_sizes`
 spreads a split's rows over its part files, and `write_parts` writes those files with several row groups
 each (so that the reader's round-robin of (file, row group) pairs gives every rank data) and returns the
@@ -38,7 +38,8 @@ def replace_dir(tmp: Path, root: Path) -> None:
 def atomic_dir(root: str | Path) -> Iterator[Path]:
     """Yields an empty temp directory `.<name>.tmp-<pid>` next to `root`; when the block ends normally it
     replaces `root` whole (`replace_dir`). On any exception the temp directory is removed and `root` is
-    left untouched. Datasets (data.generate, data.ml100k) and inference artifacts (pipeline/export.py)."""
+    left untouched. Datasets (data.build.generate, data.build.ml100k) and inference artifacts
+    (pipeline/export.py)."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"

@@ -29,7 +29,7 @@ def bench_serving(args: argparse.Namespace) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from data.auc import binary_auc
+    from data.metrics.auc import binary_auc
     from launch.timing import write_json
     from pipeline.predictor import Predictor
 

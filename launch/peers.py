@@ -5,7 +5,7 @@
 
 Features: launch/peer_features.py (its docstring lists them; only the schema's columns, no target
 encoding, nothing from labels or later rows). One model per task, trained on `train`, every setting
-selected on `valid` (AUC), then scored on `test` with the project's exact metrics (data.auc: AUC, and
+selected on `valid` (AUC), then scored on `test` with the project's exact metrics (data.metrics.auc: AUC, and
 UAUC grouped by the schema's user_id column, each counted user weight 1; logloss of the logits).
 
 - lightgbm: LGBMClassifier-equivalent `lgb.train` (binary objective) on dense + sequence / multi-hot
@@ -19,7 +19,7 @@ UAUC grouped by the schema's user_id column, each counted user weight 1; logloss
 
 Output: a JSON file {"dataset", "root", "rows", "features", "peers": {"lightgbm" | "logreg": {"settings",
 "seeds": {seed: {"valid", "test"}}, "mean", "sd", "seconds"}}, "seconds"}; metric keys are
-`<task>/{auc,uauc,uauc_weighted,uauc_users,logloss}` like pipeline.metrics; mean and sample sd over seeds
+`<task>/{auc,uauc,uauc_weighted,uauc_users,logloss}` like data.metrics.exact; mean and sample sd over seeds
 (statistics.stdev, like the experiment reports). A markdown table of the test metrics goes to stdout.
 """
 
@@ -49,7 +49,7 @@ except ImportError as e:
     missing = f"launch/peers.py needs the [peers] extra ({e.name} is missing)"
     raise SystemExit(f"{missing}: pip install -e '.[peers]'") from None
 
-from data.auc import binary_auc, user_auc
+from data.metrics.auc import binary_auc, user_auc
 from data.schema import Schema
 from launch.cli import exit_on_user_error
 from launch.peer_features import Features, SplitData, load_split
@@ -81,7 +81,7 @@ METRICS = ("auc", "uauc", "uauc_weighted", "uauc_users", "logloss")
 
 # ------------------------------------------------------------------------ metrics
 def task_metrics(logits: np.ndarray, labels: np.ndarray, user_id: np.ndarray) -> dict[str, float]:
-    """AUC, UAUC (data.auc, exact) and logloss of one task's logits."""
+    """AUC, UAUC (data.metrics.auc, exact) and logloss of one task's logits."""
     lg, lb = (
         torch.from_numpy(np.asarray(logits, np.float64)),
         torch.from_numpy(np.asarray(labels, np.float64)),

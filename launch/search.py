@@ -38,25 +38,16 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from data.metrics.summary import metric_value_or_none as metric_value
 from launch import experiment
 from launch.sweep_config import ArchSearch, ParamSpec, SearchConfig, SweepConfig
 from launch.sweep_report import read_valid_records, write_search_report
-from pipeline.early_stop import metric_value as selection_metric
 
 MAX_CONSECUTIVE_FAILURES = 3  # a broken arch config fails every trial: give up on the arch after this many
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A trial never evaluates the test split (its metrics.json still has the selected step's validation metrics):
 # nothing about test can leak into the choice, and the trial saves the evaluation's time.
 TRIAL_OVERRIDES = ["trainer.final_eval=false"]
-
-
-def metric_value(record: dict, metric: str) -> float | None:
-    """The trainer's selection metric of a validation record (`pipeline.early_stop.metric_value`: the key,
-    or mean_auc / mean_uauc over the tasks); None if the record cannot give it (e.g. a train record)."""
-    try:
-        return float(selection_metric(record, metric))
-    except ValueError:
-        return None
 
 
 def finished_value(run_dir: Path, metrics: dict | None, metric: str) -> float | None:

@@ -9,8 +9,8 @@ import math
 import statistics
 from pathlib import Path
 
+from data.metrics.summary import metric_value
 from launch.sweep_config import Plot, SweepConfig
-from pipeline.early_stop import metric_value
 
 METRICS = ("finish/auc", "skip/auc", "finish/uauc", "skip/uauc")
 

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from pipeline.config import TrainConfig, load_train_config
 from pipeline.dist import DistInfo
 
 log = logging.getLogger(__name__)
@@ -234,3 +235,11 @@ def load_checkpoint_into(path: Path, model: torch.nn.Module, optimizer: torch.op
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
         optimizer.post_load_state_dict()  # type: ignore[attr-defined]  # e.g. warmup re-applies its lr
+
+
+def load_run_config(checkpoint: Path) -> TrainConfig:
+    """The training config saved inside a checkpoint (model, schema, optimizers)."""
+    path = checkpoint / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint}: no config.yaml (not written by launch/train.py?)")
+    return load_train_config(path)

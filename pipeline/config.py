@@ -38,7 +38,7 @@ def reject_unknown_keys(cfg: Any, path: str = "") -> None:
 class DataConfig:
     root: str = "datasets/synthetic"  # <root>/<split>/*.parquet (relative paths: to the project root)
     schema: Any = None  # the schema mapping (data/schema.py); conf/data/<name>.yaml
-    generator: Any = None  # defaults for `python -m data.generate`
+    generator: Any = None  # defaults for `python -m data.build.generate`
     train_split: str = "train"
     valid_split: str = "valid"
     split: str = "test"  # what launch/eval.py evaluates (and train's final evaluation)

@@ -12,23 +12,6 @@ from typing import Any
 from pipeline.config import EarlyStopConfig
 
 
-def metric_value(metrics: dict[str, float], metric: str, tasks: list[str] | None = None) -> float:
-    """`metric` of a validation: a key of `metrics` (the evaluation reports mean_auc / mean_uauc over the
-    tasks too), else mean_auc / mean_uauc computed from the per-task keys (of `tasks`; None: every task
-    with a "<task>/auc" key)."""
-    if metric in metrics:
-        return metrics[metric]
-    if metric in ("mean_auc", "mean_uauc"):
-        tasks = tasks if tasks is not None else [k[:-4] for k in metrics if k.endswith("/auc")]
-        values = [metrics[f"{t}/{metric[5:]}"] for t in tasks if f"{t}/{metric[5:]}" in metrics]
-        if values:
-            return sum(values) / len(values)
-    raise ValueError(
-        f"trainer.early_stop.metric: {metric!r} is not a validation metric "
-        f"(mean_auc, mean_uauc or one of {sorted(metrics)})"
-    )
-
-
 class EarlyStopping:
     def __init__(self, cfg: EarlyStopConfig) -> None:
         if cfg.patience < 0:

@@ -9,35 +9,13 @@ from typing import Any
 
 import torch.distributed as dist
 
-from data.schema import Schema
-from pipeline.checkpoint import load_checkpoint_into, resolve_checkpoint
-from pipeline.config import EvalConfig, TrainConfig, load_train_config
-from pipeline.dist import DistInfo, init_distributed
+from pipeline.checkpoint import load_checkpoint_into
+from pipeline.config import EvalConfig
 from pipeline.evaluate import evaluate_inference_modes
 from pipeline.files import write_json_atomic
-from pipeline.job import build_model, make_reader, seed_everything
-from pipeline.run_log import setup_logging
+from pipeline.job import build_model, make_reader, open_checkpoint_job
 
 log = logging.getLogger(__name__)
-
-
-def load_run_config(checkpoint: Path) -> TrainConfig:
-    """The training config saved inside a checkpoint (model, schema, optimizers)."""
-    path = checkpoint / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint}: no config.yaml (not written by launch/train.py?)")
-    return load_train_config(path)
-
-
-def open_checkpoint_job(checkpoint_arg: str) -> tuple[DistInfo, Path, TrainConfig, Schema]:
-    """The start of a job that scores with a checkpoint (eval, predict): process group and logging, the
-    checkpoint (a run dir: its selected one), its training config and schema, the run's seed."""
-    info = init_distributed()
-    setup_logging(info.rank)
-    checkpoint = resolve_checkpoint(checkpoint_arg)
-    run_cfg = load_run_config(checkpoint)
-    seed_everything(run_cfg.trainer.seed)
-    return info, checkpoint, run_cfg, Schema.from_dict(run_cfg.data.schema)
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:

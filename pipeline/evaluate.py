@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
+from data.metrics.exact import ExactAUCEvaluator
+from data.metrics.summary import collapsed_tasks
 from data.reader import ParquetReader
 from models.collectives import mean_over_ranks
 from models.ranking import RankingOutput
 from pipeline.files import write_atomic
-from pipeline.job import dense_arch
-from pipeline.metrics import ExactAUCEvaluator
+from pipeline.sharding import dense_arch
 
 
 def batch_outputs(
@@ -80,17 +81,6 @@ def evaluate(
         write_predictions(predictions_path, preds, task_names)
     model.train(was_training)
     return metrics
-
-
-# A task whose predicted probabilities vary less than this over a whole split predicts a constant: its AUC
-# is 0.5 (or noise) because the model collapsed, not because the task is hard. Healthy models here spread
-# their scores by 0.05-0.2.
-COLLAPSE_STD = 1e-4
-
-
-def collapsed_tasks(metrics: dict[str, float], task_names: list[str]) -> list[str]:
-    """Tasks whose predictions are (near) constant over the evaluated split."""
-    return [t for t in task_names if metrics.get(f"{t}/pred_std", 1.0) < COLLAPSE_STD]
 
 
 def evaluate_inference_modes(

@@ -40,8 +40,8 @@ from models.feature_groups import signed_log
 from models.longer import SequenceStates
 from models.ranking import RankingModel, RankingTrainWrapper
 from models.sparse_arch import input_keys
+from pipeline.checkpoint import load_run_config
 from pipeline.config import TrainConfig
-from pipeline.eval_job import load_run_config
 from pipeline.files import write_json_atomic
 from pipeline.job import split_dir
 from pipeline.predictor import FORMAT_VERSION, MANIFEST, QUANTIZE, Predictor, quantize_rows

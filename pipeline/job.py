@@ -22,9 +22,11 @@ from data.schema import Schema
 from models.dense_arch import DenseArch
 from models.ranking import RankingModel, RankingTrainWrapper
 from models.sparse_arch import input_keys
+from pipeline.checkpoint import load_run_config, resolve_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.dist import DistInfo, broadcast_object
+from pipeline.dist import DistInfo, broadcast_object, init_distributed
 from pipeline.optim import build_optimizer, fuse_sparse_optimizer, set_initial_accumulator
+from pipeline.run_log import setup_logging
 from pipeline.sharding import shard_model, table_names
 
 
@@ -116,10 +118,12 @@ def lr_scales_by_param(model: RankingModel | DenseArch) -> dict[int, float]:
     return {id(model.get_parameter(name)): scale for name, scale in model.lr_scales().items()}
 
 
-def ranking_model(dmp: DistributedModelParallel) -> RankingModel:
-    """The RankingModel inside DMP(RankingTrainWrapper(...)), as `build_model` wraps it."""
-    return dmp.module.model
-
-
-def dense_arch(dmp: DistributedModelParallel) -> DenseArch:
-    return ranking_model(dmp).dense_arch
+def open_checkpoint_job(checkpoint_arg: str) -> tuple[DistInfo, Path, TrainConfig, Schema]:
+    """The start of a job that scores with a checkpoint (eval, predict): process group and logging, the
+    checkpoint (a run dir: its selected one), its training config and schema, the run's seed."""
+    info = init_distributed()
+    setup_logging(info.rank)
+    checkpoint = resolve_checkpoint(checkpoint_arg)
+    run_cfg = load_run_config(checkpoint)
+    seed_everything(run_cfg.trainer.seed)
+    return info, checkpoint, run_cfg, Schema.from_dict(run_cfg.data.schema)

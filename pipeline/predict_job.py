@@ -36,10 +36,9 @@ from models.sparse_arch import input_keys
 from pipeline.checkpoint import load_checkpoint_into
 from pipeline.config import PredictConfig
 from pipeline.dist import broadcast_object
-from pipeline.eval_job import open_checkpoint_job
 from pipeline.evaluate import batch_outputs
 from pipeline.files import write_json_atomic
-from pipeline.job import build_model, split_dir
+from pipeline.job import build_model, open_checkpoint_job, split_dir
 
 log = logging.getLogger(__name__)
 

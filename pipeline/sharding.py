@@ -19,6 +19,8 @@ from torchrec.distributed.planner.types import TrainerConfig as PlannerTrainerCo
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ShardingPlan, ShardingType
 
+from models.dense_arch import DenseArch
+from models.ranking import RankingModel
 from models.sparse_arch import embedding_bag_configs
 from pipeline.config import ShardingConfig
 from pipeline.dist import DistInfo
@@ -127,3 +129,12 @@ def shard_model(
 
 def table_names(schema) -> list[str]:  # noqa: ANN001 - data.schema.Schema
     return [c.name for c in embedding_bag_configs(schema)]
+
+
+def ranking_model(dmp: DistributedModelParallel) -> RankingModel:
+    """The RankingModel inside DMP(RankingTrainWrapper(...)), as `build_model` wraps it."""
+    return dmp.module.model
+
+
+def dense_arch(dmp: DistributedModelParallel) -> DenseArch:
+    return ranking_model(dmp).dense_arch

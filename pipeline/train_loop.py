@@ -23,6 +23,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
+from data.metrics.summary import collapsed_tasks, metric_value
 from data.reader import ParquetReader
 from data.schema import Schema
 from pipeline.checkpoint import (
@@ -41,13 +42,14 @@ from pipeline.dist import (
     init_distributed,
     shared_store_restarts,
 )
-from pipeline.early_stop import EarlyStopping, metric_value
-from pipeline.evaluate import collapsed_tasks, evaluate, evaluate_inference_modes
+from pipeline.early_stop import EarlyStopping
+from pipeline.evaluate import evaluate, evaluate_inference_modes
 from pipeline.files import write_json_atomic
-from pipeline.job import build_model, dense_arch, make_reader, resolve_run_dir, seed_everything
+from pipeline.job import build_model, make_reader, resolve_run_dir, seed_everything
 from pipeline.meter import TrainMeter
 from pipeline.profiler import StepProfiler
 from pipeline.run_log import RunLog, setup_logging
+from pipeline.sharding import dense_arch
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data.generate import GenParams, generate
+from data.build.generate import GenParams, generate
 from data.schema import Schema
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from data.metrics.exact import ExactAUCEvaluator
+from data.metrics.summary import collapsed_tasks, metric_value
 from pipeline.config import EarlyStopConfig
-from pipeline.early_stop import EarlyStopping, metric_value
-from pipeline.evaluate import collapsed_tasks
-from pipeline.metrics import ExactAUCEvaluator
+from pipeline.early_stop import EarlyStopping
 
 ROOT = Path(__file__).resolve().parents[1]
 

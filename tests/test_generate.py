@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data.build.generate import GenParams, generate, main, oracle_columns, oracle_metrics
 from data.dataset_dir import atomic_dir, part_sizes
-from data.generate import GenParams, generate, main, oracle_columns, oracle_metrics
 from data.schema import Schema
 
 TINY = GenParams().scaled(3000)

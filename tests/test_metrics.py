@@ -1,4 +1,5 @@
-"""Exact metrics (data.auc, pipeline.metrics) vs sklearn / brute force, single-process and 2-rank gloo."""
+"""Exact metrics (data.metrics.auc, data.metrics.exact) vs sklearn / brute force, single-process and
+2-rank gloo."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import log_loss, roc_auc_score
 
-from data.auc import binary_auc, user_auc
-from pipeline.metrics import ExactAUCEvaluator
+from data.metrics.auc import binary_auc, user_auc
+from data.metrics.exact import ExactAUCEvaluator
 
 TASKS = ["click", "like"]
 

@@ -1,4 +1,4 @@
-"""data/ml100k.py on small RecBole-format files in a fake wheel (no network): split, history, output."""
+"""data/build/ml100k.py on small RecBole-format files in a fake wheel (no network): split, history, output."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import ml100k
+from data.build.ml100k_tables import age_bucket, split_bounds, year_bucket
+from data.build.ml100k_wheel import MEMBER
 from data.dataset_dir import SPLITS
-from data.ml100k_tables import age_bucket, split_bounds, year_bucket
-from data.ml100k_wheel import MEMBER
 from data.schema import Schema
 
 ROOT = Path(__file__).resolve().parents[1]

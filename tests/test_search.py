@@ -18,8 +18,9 @@ import pytest
 import yaml
 
 import launch.experiment as experiment
+from data.metrics.summary import metric_value_or_none as metric_value
 from launch.experiment import main
-from launch.search import ValidationWatcher, metric_value
+from launch.search import ValidationWatcher
 from launch.sweep_config import load_sweep
 
 

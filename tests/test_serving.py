@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data.auc import binary_auc
+from data.metrics.auc import binary_auc
 from tests.test_train_e2e import LONGER, SMOE, TORCHRUN, ok, run, train_cmd
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,15 @@ MODELS = {"rankmixer": [], "smoe": SMOE, "longer": LONGER}
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("serving") / "data"
-    gen = [sys.executable, "-m", "data.generate", "--config", "conf/data/synthetic.yaml", "--root", str(root)]
+    gen = [
+        sys.executable,
+        "-m",
+        "data.build.generate",
+        "--config",
+        "conf/data/synthetic.yaml",
+        "--root",
+        str(root),
+    ]
     ok(run([*gen, "--rows", "40000", "--seed", "3"]))
     return root
 

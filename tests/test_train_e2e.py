@@ -38,7 +38,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
             [
                 sys.executable,
                 "-m",
-                "data.generate",
+                "data.build.generate",
                 "--config",
                 "conf/data/synthetic.yaml",
                 "--root",

@@ -1,6 +1,6 @@
-"""MovieLens-100K's raw atomic columns (data.ml100k_wheel) -> one Arrow table per split, label `like` =
+"""MovieLens-100K's raw atomic columns (data.build.ml100k_wheel) -> one Arrow table per split, label `like` =
 rating >= 4: dense ids, user / item / context / history features, the per-user time split and the check
-that every id fits the schema's tables. Writing the tables out and the CLI are data.ml100k.
+that every id fits the schema's tables. Writing the tables out and the CLI are data.build.ml100k.
 
 IDs: every categorical value is mapped to a dense index by its rank among the sorted distinct raw values
 (numeric tokens sort as numbers, before any non-numeric ones), starting at 1; 0 means unknown (a user or
@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from data.build.ml100k_wheel import SourceError
 from data.dataset_dir import SPLITS
-from data.ml100k_wheel import SourceError
 from data.schema import Schema
 
 LABEL = "like"

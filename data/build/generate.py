@@ -1,10 +1,11 @@
 """Synthetic short-video impressions with known true probabilities (the oracle).
 
-    python -m data.generate --config conf/data/synthetic.yaml [--root DIR] [--rows N] [--seed S] [--overwrite]
+    python -m data.build.generate --config conf/data/synthetic.yaml [--root DIR] [--rows N] [--seed S]
+        [--overwrite]
 
 Writes <root>/{train,valid,test}/part-*.parquet with the schema's columns plus hidden `_row_id` and
 `_p_<task>` (the true probabilities), and <root>/dataset.json with each split's oracle AUC / UAUC. How
-the truth is built: data.world.
+the truth is built: data.build.world.
 
 Determinism: the world (users, items, authors, factor tables) comes from rng(seed), each file from
 rng(seed, split, file); same seed -> byte-identical files. Writing is atomic: everything goes to a sibling
@@ -27,10 +28,10 @@ import pyarrow as pa
 import torch
 import yaml
 
-from data.auc import binary_auc, user_auc
+from data.build.world import GenParams, World
 from data.dataset_dir import SPLITS, atomic_dir, part_sizes, write_parts
+from data.metrics.auc import binary_auc, user_auc
 from data.schema import Schema, SequenceFeature, SparseFeature
-from data.world import GenParams, World
 
 
 # ------------------------------------------------------------------------ tables and files

@@ -1,5 +1,5 @@
 """Exact AUC / UAUC math, single process, no distribution: used by the generator's oracle
-(data.generate) and by pipeline.metrics, which gathers rows across ranks and calls it.
+(data.build.generate) and by data.metrics.exact, which gathers rows across ranks and calls it.
 
 Conventions
 -----------

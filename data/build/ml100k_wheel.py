@@ -3,7 +3,8 @@ straight out of the `recbole==1.2.1` wheel (recbole itself is never installed or
 vendored into this repository): finding the wheel, unzipping the three members and parsing them into raw
 string columns. Atomic files are tab-separated with a `name:type` header; `token_seq` fields are
 space-separated. Anything missing or unreadable raises SourceError, whose message names what failed and
-the pip command that fetches the wheel. The conversion is data.ml100k_tables; the CLI is data.ml100k.
+the pip command that fetches the wheel. The conversion is data.build.ml100k_tables; the CLI is
+data.build.ml100k.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The synthetic world: generator parameters (`GenParams`) and the probability model behind the labels.
 
 `World` holds users, items, authors and the truth's parameter tables; `World.rows` draws impressions with
-their features, true probabilities (`_p_<task>`) and Bernoulli labels. data.generate writes them to files.
+their features, true probabilities (`_p_<task>`) and Bernoulli labels. data.build.generate writes them to
+files.
 
 How the truth is built (all terms times `logit_scale`), and why:
 - Latent factors: user u = A_seg[segment] + .5 A_city[city] + .5 A_age[age]; item

@@ -3,7 +3,7 @@
 Everything here is exact over the whole eval set: rows are kept until ``compute()`` and, under
 ``torch.distributed``, gathered to every rank, so no metric is an average of per-batch values.
 
-* AUC / UAUC: data.auc, the single-process math (its conventions: ties, one-class sets, what it reuses
+* AUC / UAUC: data.metrics.auc, the single-process math (its conventions: ties, one-class sets, what it reuses
   from torchmetrics and why). ``logloss`` and ``ctr`` use the raw 0/1 label values.
 * Gather: own code. ``torchmetrics.utilities.distributed.gather_all_tensors`` does pad/gather/trim,
   but trims with list-of-slices indexing, which torch deprecates (warns now, changes meaning later).
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.auc import binary_auc, user_auc
+from data.metrics.auc import binary_auc, user_auc
 
 _NAN = float("nan")
 

@@ -1,11 +1,11 @@
 """MovieLens-100K as a one-task CTR dataset (label `like` = rating >= 4), converted from RecBole's copy.
 
     python -m pip download --no-deps recbole==1.2.1 -d datasets/.cache     # the only network step
-    python -m data.ml100k --root datasets/ml100k [--wheel-dir datasets/.cache] [--config CONFIG]
+    python -m data.build.ml100k --root datasets/ml100k [--wheel-dir datasets/.cache] [--config CONFIG]
 
 Source: the atomic files `recbole/dataset_example/ml-100k/ml-100k.{inter,user,item}` inside the
-`recbole==1.2.1` wheel, read straight out of the zip by data.ml100k_wheel. The conversion (dense ids,
-features, the per-user time split, history without label leaks) is data.ml100k_tables, whose docstring
+`recbole==1.2.1` wheel, read straight out of the zip by data.build.ml100k_wheel. The conversion (dense ids,
+features, the per-user time split, history without label leaks) is data.build.ml100k_tables, whose docstring
 spells it out. This module writes the result and is the CLI.
 
 Output: <root>/{train,valid,test}/part-*.parquet (several row groups per file, so that the reader's
@@ -27,13 +27,13 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+from data.build.ml100k_tables import LABEL, MAX_SEQ_LEN, Converted, check_against_schema, convert_tables
+from data.build.ml100k_wheel import DEFAULT_WHEEL_DIR, PACKAGE, SourceError, find_wheel, read_wheel
 from data.dataset_dir import atomic_dir, part_sizes, write_parts
-from data.ml100k_tables import LABEL, MAX_SEQ_LEN, Converted, check_against_schema, convert_tables
-from data.ml100k_wheel import DEFAULT_WHEEL_DIR, PACKAGE, SourceError, find_wheel, read_wheel
 from data.schema import Schema
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "data" / "ml100k.yaml"
-# per split: files, row groups per file (mirrors data/generate.py: 2 ranks each get several row groups)
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "data" / "ml100k.yaml"
+# per split: files, row groups per file (mirrors data/build/generate.py: 2 ranks each get several row groups)
 FILES = {"train": 4, "valid": 2, "test": 2}
 ROW_GROUPS_PER_FILE = 4
 
