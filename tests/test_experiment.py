@@ -1,4 +1,4 @@
-"""launch/experiment.py: sweep configs expand as written, budgets are solved, a re-report reuses the earlier
+"""launch/experiment.py and launch/sweep/: sweep configs expand as written, budgets are solved, a re-report reuses the earlier
 dense-arch speeds, and a real 2-rank sweep writes its table, plots and raw results, and is neither rerun
 nor re-timed when resumed."""
 
@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import launch.experiment as experiment
-from launch.experiment import load_sweep, main, solve_budget
-from launch.sweep_report import METRICS
+import launch.sweep.runner as experiment
+from launch.experiment import main
+from launch.sweep.config import load_sweep
+from launch.sweep.report import METRICS
+from launch.sweep.runner import solve_budget
 
 
 def write(path: Path, text: str) -> Path:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import ml100k
+from data.build import ml100k
 from data.build.ml100k_tables import age_bucket, split_bounds, year_bucket
 from data.build.ml100k_wheel import MEMBER
 from data.dataset_dir import SPLITS

@@ -15,7 +15,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from launch.bench import load_preset
+from launch.benchmarks.dense import load_preset
 from models.moe import DTSI_MIXES, SparseMoEFFN
 from models.rankmixer import RankMixer, RankMixerConfig
 from models.rankmixer_cost import expected_num_params, flops_breakdown

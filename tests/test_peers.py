@@ -1,4 +1,4 @@
-"""launch/peers.py and launch/peer_features.py: the non-neural peers (LightGBM, logistic regression).
+"""launch/peers.py and launch/peer_baselines/: the non-neural peers (LightGBM, logistic regression).
 
 A tiny MovieLens-style Parquet set with a learnable signal (user and item biases + the user's recent
 like rate) drives the feature checks and one CLI run; the project's synthetic generator checks that the
@@ -19,7 +19,8 @@ import yaml
 from data.decode import Decoder
 from data.schema import Schema
 from launch import peers
-from launch.peer_features import build_features, load_split, read_split_table
+from launch.peer_baselines.features import build_features, load_split, read_split_table
+from launch.peer_baselines.fit import METRICS
 
 SCHEMA = {
     "name": "tiny_ml",
@@ -167,7 +168,7 @@ def test_cli_trains_selects_and_scores(tiny_ml: tuple[Schema, Path], tmp_path: P
         for res in peer["seeds"].values():
             for split in ("valid", "test"):
                 assert 0.5 < res[split]["like/auc"] <= 1 and 0.5 < res[split]["like/uauc"] <= 1, name
-        assert set(peer["mean"]["test"]) == {f"like/{m}" for m in peers.METRICS}
+        assert set(peer["mean"]["test"]) == {f"like/{m}" for m in METRICS}
 
     lr = r["peers"]["logreg"]
     chosen = lr["settings"]["chosen"]["like"]

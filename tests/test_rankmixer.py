@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from launch.bench import load_preset
+from launch.benchmarks.dense import load_preset
 from models.heads import MultiTaskHead
 from models.rankmixer import (
     TOKEN_MIXINGS,

@@ -1,4 +1,4 @@
-"""launch/search.py (experiment.py's search mode): the `search:` section is validated naming the key; with
+"""launch/search.py and launch/sweep/search.py: the `search:` section is validated naming the key; with
 the training job faked, trials run until `trials` are finished, a restart reuses the Optuna journal (no
 trial rerun, an interrupted trial retried with its parameters), a trial worse than the median is pruned,
 the final seeds train the best trial's settings and the report and <arch>.tuned.yaml are written; the
@@ -17,11 +17,11 @@ import optuna
 import pytest
 import yaml
 
-import launch.experiment as experiment
+import launch.sweep.runner as experiment
 from data.metrics.summary import metric_value_or_none as metric_value
-from launch.experiment import main
-from launch.search import ValidationWatcher
-from launch.sweep_config import load_sweep
+from launch.search import main
+from launch.sweep.config import load_sweep
+from launch.sweep.search import ValidationWatcher
 
 
 def write(path: Path, text: str) -> Path:

@@ -30,7 +30,7 @@ def bench_serving(args: argparse.Namespace) -> dict:
     import pyarrow.parquet as pq
 
     from data.metrics.auc import binary_auc
-    from launch.timing import write_json
+    from launch.benchmarks.timing import write_json
     from pipeline.predictor import Predictor
 
     def score(p: Predictor, files: list[Path]) -> np.ndarray:

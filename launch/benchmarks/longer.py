@@ -9,7 +9,7 @@ import statistics
 
 import torch
 
-from launch.timing import saved_activation_bytes, time_calls, write_json
+from launch.benchmarks.timing import saved_activation_bytes, time_calls, write_json
 
 
 def cmd_longer(args: argparse.Namespace) -> dict:

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 from data.metrics.summary import metric_value
-from launch.sweep_config import Plot, SweepConfig
+from launch.sweep.config import Plot, SweepConfig
 
 METRICS = ("finish/auc", "skip/auc", "finish/uauc", "skip/uauc")
 
