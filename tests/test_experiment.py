@@ -1,6 +1,6 @@
-"""launch/experiment.py and launch/sweep/: sweep configs expand as written, budgets are solved, a re-report reuses the earlier
-dense-arch speeds, and a real 2-rank sweep writes its table, plots and raw results, and is neither rerun
-nor re-timed when resumed."""
+"""launch/experiment.py and launch/sweep/: sweep configs expand as written, budgets are solved, a re-report
+reuses the earlier dense-arch speeds, and a real 2-rank sweep writes its table, plots and raw results, and is
+neither rerun nor re-timed when resumed."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 
 import launch.sweep.runner as experiment
 from launch.experiment import main
-from launch.sweep.config import load_sweep
-from launch.sweep.report import METRICS
+from launch.sweep.config import SweepConfig, load_sweep
+from launch.sweep.report import aggregate, markdown_table, task_metric_keys
 from launch.sweep.runner import solve_budget
+
+METRICS = ("finish/auc", "skip/auc", "finish/uauc", "skip/uauc")  # the built-in data's two tasks
 
 
 def write(path: Path, text: str) -> Path:
@@ -68,6 +70,17 @@ def test_a_budget_that_leaves_a_degenerate_width_is_refused():
     # DCNv2 @100k: the cross net alone is ~83k params; a 1-unit deep MLP collapsed the model (issue 15)
     with pytest.raises(SystemExit, match=r"model.dense.deep_width=1 \(< 16\)"):
         solve_budget(["model=dcnv2"], 100_000)
+
+
+def test_report_columns_are_the_tasks_the_runs_were_tested_on():
+    """A sweep on MovieLens-100K (one task, `like`) reports like's AUC and UAUC, not the built-in data's."""
+    run = {"test": {"like/auc": 0.8, "like/uauc": 0.7, "like/logloss": 0.5, "rows": 10.0}}
+    cell = {"label": "a", "runs": [run, None], "params": 1000, "dense_flops": 2000.0}
+    assert task_metric_keys([cell]) == ["like/auc", "like/uauc"]
+    aggregate([cell])
+    assert set(cell["stats"]) == {"like/auc", "like/uauc"}
+    table = markdown_table(SweepConfig(name="t"), [cell])
+    assert "like AUC" in table and "like UAUC" in table and "finish" not in table
 
 
 def test_rereport_reuses_earlier_speeds_and_partial_reports_keep_them(

@@ -1,5 +1,6 @@
 """`python -m data.infer_schema`: a schema inferred from Parquet metadata and a sample loads, trains, and
-finds the roles a hand-written schema declares (labels, user id, aligned sequence, shared tables, leaks)."""
+finds the roles a hand-written schema declares (labels, user id, groups, aligned sequence, shared tables,
+leaks), on prefixed data (`user_*`, `item_*`) and on flat data (one row per rating, no prefixes)."""
 
 from __future__ import annotations
 
@@ -113,3 +114,109 @@ def test_data_without_a_user_id_is_one_clear_line(tmp_path: Path, capsys):
         capsys.readouterr().err
         == "infer_schema: no user id column found among the integer columns ['item_id']; rename it user_id\n"
     )
+
+
+def flat_ratings(root: Path, rows: int = 2000) -> Path:
+    """The issue's shape: one row per rating, no name prefixes. User attributes are constant per user,
+    item attributes per item, hour / weekday vary per row, `hist_items` holds item ids (of a name that
+    names no column), `gender` is a 0/1 attribute and `like` the one label. User ids (1..150) span more
+    than item ids (1..100), so the history's values fit both id ranges but overlap only the items'."""
+    rng = np.random.default_rng(1)
+    users, items = rng.integers(1, 151, rows), rng.integers(1, 101, rows)
+    per_user = {"age": 7, "gender": 2, "occupation": 21}
+    per_item = {"n_genres": 4, "release_year": 80, "primary_genre": 19}
+    user_attr = {k: rng.integers(0, n, 151) for k, n in per_user.items()}  # index: the user id
+    item_attr = {k: rng.integers(0, n, 101) for k, n in per_item.items()}  # index: the item id
+    other_genres = [rng.integers(0, 19, n).tolist() for n in item_attr["n_genres"]]  # a multi-hot bag
+    title_len = rng.uniform(5, 60, 101).astype(np.float32)
+    cols = {
+        "user_id": pa.array(users),
+        "item_id": pa.array(items),
+        **{k: pa.array(v[users]) for k, v in user_attr.items()},
+        "n_genres": pa.array(item_attr["n_genres"][items]),
+        "release_year": pa.array(item_attr["release_year"][items]),
+        "movie_title_len": pa.array(title_len[items]),
+        "primary_genre": pa.array(item_attr["primary_genre"][items]),
+        "other_genres": pa.array([other_genres[i] for i in items], pa.list_(pa.int64())),
+        "hour": pa.array(rng.integers(0, 24, rows)),
+        "weekday": pa.array(rng.integers(0, 7, rows)),
+        "hist_items": pa.array(
+            [rng.integers(1, 101, n).tolist() for n in rng.integers(0, 9, rows)], pa.list_(pa.int64())
+        ),
+        "like": pa.array((rng.random(rows) < 0.3 + 0.4 * user_attr["gender"][users]).astype(np.int64)),
+    }
+    table = pa.table(cols)
+    bounds = {"train": (0, rows // 2), "valid": (rows // 2, rows * 3 // 4), "test": (rows * 3 // 4, rows)}
+    for split, (a, b) in bounds.items():
+        (root / split).mkdir(parents=True)
+        pq.write_table(table.slice(a, b - a), root / split / "part-0.parquet", row_group_size=250)
+    return root
+
+
+@pytest.fixture
+def flat(tmp_path: Path, capsys: pytest.CaptureFixture) -> tuple[str, Schema, Path]:
+    root = flat_ratings(tmp_path / "flat")
+    text, cfg = inferred(root, capsys)
+    return text, Schema.from_dict(cfg["schema"]), root
+
+
+def test_flat_data_is_grouped_by_what_each_column_describes(flat: tuple[str, Schema, Path]):
+    text, schema, _ = flat
+    assert schema.groups == ("user", "item", "context", "sequence")
+    features = (*schema.dense, *schema.sparse)
+    assert {g: sorted(f.name for f in features if f.group == g) for g in schema.groups} == {
+        "user": ["age", "gender", "occupation", "user_id"],
+        "item": ["item_id", "movie_title_len", "n_genres", "other_genres", "primary_genre", "release_year"],
+        "context": ["hour", "weekday"],
+        "sequence": [],  # the sequence group holds the history alone
+    }
+    assert schema.sequence.group == "sequence"
+    assert [f.name for f in schema.sequence_features] == ["hist_items"]
+    assert (schema.candidate_groups, schema.user_groups) == (("item",), ("user",))
+    assert "#   user: user_id and the columns with one value per user_id on the sample" in text
+
+
+def test_a_history_named_after_no_column_shares_the_id_table_its_values_fall_in(
+    flat: tuple[str, Schema, Path],
+):
+    text, schema, _ = flat
+    assert schema.feature("hist_items").table_name == "item_id"  # not user_id, whose range holds them too
+    assert schema.tables()["item_id"]["feature_names"] == ["item_id", "hist_items"]
+    note = "shares the table of 'item_id' (a guess from its values: all in item_id's range [1, 100]"
+    assert f"hist_items, num_embeddings: 101, embedding_dim: 16, table: item_id}}  # {note}" in text
+
+
+def test_a_0_1_attribute_stays_a_feature_and_only_the_label_named_column_is_a_label(
+    flat: tuple[str, Schema, Path],
+):
+    text, schema, _ = flat
+    assert schema.labels == ("like",)
+    assert schema.feature("gender").group == "user"
+    labels_line = next(line for line in text.splitlines() if line.strip().startswith("labels:"))
+    assert "0/1 columns: gender, like" in labels_line and "features: gender" in labels_line
+
+
+def test_without_a_label_like_name_the_first_0_1_column_is_the_only_label(tmp_path: Path, capsys):
+    root = tmp_path / "d"
+    root.mkdir()
+    table = pa.table(
+        {"user_id": [1, 2, 1, 2], "y": [0, 1, 1, 0], "flag": [1, 1, 0, 0], "item_id": [3, 4, 4, 3]}
+    )
+    pq.write_table(table, root / "a.parquet")
+    text, cfg = inferred(root, capsys)
+    assert Schema.from_dict(cfg["schema"]).labels == ("y",)
+    assert "none is named like a task: the first is the label; features: flag" in text
+
+
+def test_inferred_schema_of_flat_data_trains(flat: tuple[str, Schema, Path], tmp_path: Path):
+    text, _, root = flat
+    conf = tmp_path / "conf" / "data"
+    conf.mkdir(parents=True)
+    (conf / "flat.yaml").write_text(text)
+    cmd = [sys.executable, "launch/train.py", "--config-dir", str(tmp_path / "conf"), "data=flat"]
+    cmd += [f"data.root={root}", f"trainer.run_dir={tmp_path / 'run'}", "trainer.max_steps=4"]
+    cmd += ["data.batch_size=128", "trainer.eval_every=0", "trainer.progress_bar=false"]
+    cmd += ["model.sequence=longer", "model.longer.dim=16"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test metrics" in proc.stdout

@@ -12,7 +12,16 @@ from pathlib import Path
 from data.metrics.summary import metric_value
 from launch.sweep.config import Plot, SweepConfig
 
-METRICS = ("finish/auc", "skip/auc", "finish/uauc", "skip/uauc")
+
+def task_metric_keys(cells: list[dict]) -> list[str]:
+    """Every task's test AUC, then every task's UAUC: the tasks the runs were tested on, in their order."""
+    tasks: list[str] = []
+    for cell in cells:
+        for run in filter(None, cell["runs"]):
+            tasks += [
+                k[: -len("/auc")] for k in run.get("test", {}) if k.endswith("/auc") and k[:-4] not in tasks
+            ]
+    return [f"{t}/auc" for t in tasks] + [f"{t}/uauc" for t in tasks]
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
@@ -25,11 +34,12 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 def aggregate(cells: list[dict], select: str = "") -> list[dict]:
     """Each cell's test metrics over its seeds; with `select` (a validation metric) also each cell's
     validation value at its runs' selected steps, and `chosen`: the best cell of its group."""
+    metrics = task_metric_keys(cells)
     for cell in cells:
         runs = [r for r in cell["runs"] if r is not None]
         cell["seeds_ok"] = len(runs)
         stats = {}
-        for metric in (*METRICS, "moe/active_ratio"):
+        for metric in (*metrics, "moe/active_ratio"):
             vals = [r["test"][metric] for r in runs if metric in r.get("test", {})]
             if vals:
                 stats[metric] = _mean_spread(vals)
@@ -100,8 +110,9 @@ def _fmt(stat: tuple[float, float] | None, digits: int = 4) -> str:
 def markdown_table(cfg: SweepConfig, cells: list[dict]) -> str:
     ref = next((c for c in cells if c["label"] == cfg.reference), None)
     has_moe = any("moe/active_ratio" in c["stats"] for c in cells)
+    metrics = task_metric_keys(cells)
     head = ["cell", "dense params", "fwd MFLOP/sample", "train GFLOP/batch 512"]
-    for metric in METRICS:
+    for metric in metrics:
         head.append(metric.replace("/", " ").replace("auc", "AUC").replace("uAUC", "UAUC"))
         if ref is not None:
             head.append("Δ %")
@@ -116,7 +127,7 @@ def markdown_table(cfg: SweepConfig, cells: list[dict]) -> str:
             f"{c['activated_flops'] / 1e6:.2f}",
             f"{3 * c['dense_flops'] * 512 / 1e9:.2f}",  # training computes every expert (dense training)
         ]
-        for metric in METRICS:
+        for metric in metrics:
             stat = c["stats"].get(metric)
             row.append(_fmt(stat))
             if ref is not None:
