@@ -47,6 +47,7 @@ Design decisions (the abstract names the parts; where it is silent, the full pap
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -175,6 +176,16 @@ class SequenceStates(NamedTuple):
     def index_select(self, index: torch.Tensor) -> SequenceStates:
         pick = [[t.index_select(0, index) for t in ts] for ts in (self.keys, self.values, self.valid)]
         return SequenceStates(*pick, self.recent.index_select(0, index))
+
+    def flat(self) -> tuple[torch.Tensor, ...]:
+        """keys, values and valid of every layer, then recent: what an exported program passes around."""
+        return (*self.keys, *self.values, *self.valid, self.recent)
+
+    @staticmethod
+    def from_flat(flat: Sequence[torch.Tensor], num_layers: int) -> SequenceStates:
+        L = num_layers
+        keys, values, valid = (list(flat[i * L : (i + 1) * L]) for i in range(3))
+        return SequenceStates(keys, values, valid, flat[3 * L])
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,7 @@ class RankingModel(nn.Module):
         self.sparse_arch = SparseArch(schema, self.sequence_mode, device=device)
         self.sequence_arch: Longer | None = None
         self.pooled_unpooled: list[tuple[str, str]] = []  # (feature, pooling) looked up unpooled, then pooled
+        self.seq_features: list[str] = []  # the sequence arch's item features, side by side
         extra = {}
         group_keys = self.sparse_arch.pooled_keys  # pooled features, by group
         loose_keys: list[str] = []  # features looked up unpooled and pooled here
@@ -138,23 +139,20 @@ class RankingModel(nn.Module):
         if with_sq:
             batch = dense.shape[0]
             sq = pooled.values().square().sum() / batch
-            for jt in (unpooled or {}).values():
-                sq = sq + jt.values().square().sum() / batch
-        if self.sequence_arch is None:
-            return self.dense_arch(self.feature_groups([pooled], dense)), sq  # (B, num_tasks)
+            # Over the static key list, never over `unpooled` itself: TrainPipelineSparseDist fx-traces
+            # this forward, and a traced value cannot decide control flow (`unpooled or {}` raised).
+            for name in self.sparse_arch.unpooled_keys:
+                sq = sq + unpooled[name].values().square().sum() / batch
         parts = self._group_parts(pooled, unpooled, dense)
-        items, lengths = self._sequence_items(unpooled)
-        e_s = self.sequence_arch(items, lengths, *self._global_inputs(parts))  # (B, G, D)
-        return self._dense_logits(parts, e_s), sq
-
-    def _dense_logits(self, parts: dict[str, torch.Tensor], e_s: torch.Tensor) -> torch.Tensor:
-        """The dense arch on the groups, with e_s (B, G, D) flattened into the sequence group."""
-        return self.dense_arch(self.feature_groups.assemble(parts, {self.sequence_group: e_s.flatten(1)}))
+        if self.sequence_arch is None:
+            return self.logits_from_parts(parts), sq  # (B, num_tasks)
+        return self.logits_from_parts(parts, *self._sequence_items(unpooled)), sq
 
     def _group_parts(
-        self, pooled: KeyedTensor, unpooled: dict[str, JaggedTensor], dense: torch.Tensor
+        self, pooled: KeyedTensor, unpooled: dict[str, JaggedTensor] | None, dense: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        # features sharing a table with the sequence (looked up unpooled): pool them here
+        """{group: (B, w_g)} of the embeddings and projected dense features (before the sequence group).
+        Features sharing a table with the sequence were looked up unpooled: they are pooled here."""
         loose = {name: pool_jagged(unpooled[name], pooling) for name, pooling in self.pooled_unpooled}
         return self.feature_groups.parts([pooled], dense, loose)
 
@@ -170,7 +168,48 @@ class RankingModel(nn.Module):
         user = torch.cat([parts[g] for g in cfg.user_groups], dim=1) if cfg.user_groups else None
         return candidate, user
 
-    # ---- KV-cache serving (sequence=longer) ------------------------------------------------------
+    def _dense_logits(self, parts: dict[str, torch.Tensor], e_s: torch.Tensor) -> torch.Tensor:
+        """The dense arch on the groups, with e_s (B, G, D) flattened into the sequence group."""
+        return self.dense_arch(self.feature_groups.assemble(parts, {self.sequence_group: e_s.flatten(1)}))
+
+    # ---- serving programs: the model after its embedding lookups ----------------------------------
+    # What an exported artifact runs (pipeline/export.py traces these; the Predictor feeds them). Each
+    # takes the group parts (`FeatureGroups.parts`), never KJTs, so no TorchRec is traced.
+
+    @property
+    def serves_sequence_cache(self) -> bool:
+        """Whether the sequence arch serves through a per-user cache (`sequence_cache`,
+        `logits_from_cache`)."""
+        return self.sequence_arch is not None
+
+    def logits_from_parts(
+        self,
+        parts: dict[str, torch.Tensor],
+        items: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Group parts (+ the jagged sequence items (N, d_item) and lengths (B,)) -> logits (B, num_tasks)."""
+        if self.sequence_arch is None:
+            return self.dense_arch(self.feature_groups.assemble(parts, {}))
+        e_s = self.sequence_arch(items, lengths, *self._global_inputs(parts))  # (B, G, D)
+        return self._dense_logits(parts, e_s)
+
+    def sequence_cache(self, items: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Once per user: jagged items (N, d_item) + lengths (U,) -> the candidate-independent states of the
+        sequence arch, as a flat tuple of (U, ...) tensors (`logits_from_cache` takes them back)."""
+        return self._longer("sequence_cache").encode_user(items, lengths).flat()
+
+    def logits_from_cache(
+        self, parts: dict[str, torch.Tensor], user_index: torch.Tensor, *cache: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (N, num_tasks) of N candidate rows' group parts; row n is scored against cached user
+        `user_index[n]` (N,) of `sequence_cache`'s flat states."""
+        longer = self._longer("logits_from_cache")
+        states = SequenceStates.from_flat(cache, longer.cfg.num_layers).index_select(user_index)
+        candidate, user = self._global_inputs(parts)
+        return self._dense_logits(parts, longer.global_outputs(longer.globals_of(candidate, user), states))
+
+    # ---- KV-cache serving from KJTs (sequence=longer) -------------------------------------------
 
     def _longer(self, what: str) -> Longer:
         if self.sequence_arch is None:
@@ -200,12 +239,9 @@ class RankingModel(nn.Module):
         their features as in training, except that their sequence features may be empty: the sequence
         comes from the cache, so a candidate costs only LONGER's G global queries. Equal to `forward` on
         the same rows with their users' sequences, up to float rounding."""
-        longer = self._longer("score_candidates")
         pooled, unpooled = self.sparse_arch(sparse, sequence)
         parts = self._group_parts(pooled, unpooled, dense)
-        candidate, user = self._global_inputs(parts)
-        e_s = longer.global_outputs(longer.globals_of(candidate, user), cache.index_select(user_index))
-        return self._dense_logits(parts, e_s)
+        return self.logits_from_cache(parts, user_index, *cache.flat())
 
 
 class RankingOutput(NamedTuple):

@@ -8,10 +8,11 @@ What the artifact holds (`<out>/`):
   loadable where TorchRec / FBGEMM are not installed (a serving host, the GPU box of this project); the
   lookups are a gather and a segment sum, which is all a CPU scorer needs.
 - `dense.pt2`: the dense path (feature groups -> sequence module -> dense arch -> logits) exported with
-  `torch.export`, batch size (and sequence length) dynamic, computed as at serving: Sparse-MoE with its
-  sparse-inference routing, LONGER's full forward.
-- LONGER only: `encode_user.pt2` and `score_candidates.pt2`, the KV-cache serving path (the paper's
-  section on LONGER serving): a user's sequence is encoded once, then each candidate costs only the global
+  `torch.export`, batch size (and sequence length) dynamic, computed as at serving (the dense arch in its
+  serving inference mode, the sequence arch's full forward): `RankingModel.logits_from_parts`.
+- A model whose sequence arch serves a per-user cache (`RankingModel.serves_sequence_cache`) also gets
+  `encode_user.pt2` and `score_candidates.pt2` (`sequence_cache`, `logits_from_cache`): a user's sequence
+  is encoded once, then each candidate costs only the global
   queries against the cached keys / values.
 - `manifest.json`: the schema, the feature -> table -> pooling wiring, the dense path's column layout,
   and the parity check export ran against the training model (max |logit difference| on real rows).
@@ -37,7 +38,6 @@ from data.dataset_dir import atomic_dir
 from data.reader import ParquetReader
 from data.schema import Schema
 from models.feature_groups import signed_log
-from models.longer import SequenceStates
 from models.ranking import RankingModel, RankingTrainWrapper
 from models.sparse_arch import input_keys
 from pipeline.checkpoint import load_run_config
@@ -69,7 +69,7 @@ def load_unsharded(checkpoint: Path) -> tuple[RankingModel, TrainConfig, Schema]
 @dataclasses.dataclass(frozen=True)
 class Wiring:
     """How the Predictor feeds the dense path: the pooled columns in order, each (feature, table,
-    pooling, dim); the sequence features (LONGER) and their tables."""
+    pooling, dim); the sequence arch's item features and their tables."""
 
     pooled: list[tuple[str, str, str, int]]
     sequence: list[tuple[str, str]]
@@ -77,7 +77,7 @@ class Wiring:
 
 def wiring(model: RankingModel, schema: Schema) -> Wiring:
     """Column order of the dense path's pooled input: per group (schema order), the group's bag-pooled
-    features (the sparse arch's key order), then its features pooled after an unpooled lookup (LONGER's
+    features (the sparse arch's key order), then its features pooled after an unpooled lookup (the sequence's
     shared tables): exactly the order `FeatureGroups.parts` concatenates them in."""
     fg = model.feature_groups
     ebc = model.sparse_arch.embedding_bag_collection
@@ -97,7 +97,7 @@ def wiring(model: RankingModel, schema: Schema) -> Wiring:
             pooled.append((name, table_of[name], pooling_of[name], dims[name]))
         for name in fg.loose_features[g]:
             pooled.append((name, table_of[name], loose_pooling[name], dims[name]))
-    seq = [(f, table_of[f]) for f in getattr(model, "seq_features", [])] if model.sequence_arch else []
+    seq = [(f, table_of[f]) for f in model.seq_features]
     return Wiring(pooled, seq)
 
 
@@ -140,25 +140,19 @@ class DensePath(nn.Module):
         return out
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor, *sequence: torch.Tensor) -> torch.Tensor:
-        parts = self.parts(dense, pooled)
-        m = self.model
-        if m.sequence_arch is None:
-            return m.dense_arch(m.feature_groups.assemble(parts, {}))  # (B, T)
-        items, lengths = sequence
-        e_s = m.sequence_arch(items, lengths, *m._global_inputs(parts))  # (B, G, D)
-        return m._dense_logits(parts, e_s)
+        return self.model.logits_from_parts(self.parts(dense, pooled), *sequence)  # (B, T)
 
 
 class EncodeUser(nn.Module):
-    """LONGER's candidate-independent half: items (N, d_item), lengths (U,) -> the flat cached states."""
+    """The model's candidate-independent half: items (N, d_item), lengths (U,) -> the flat cached states."""
 
     def __init__(self, model: RankingModel) -> None:
         super().__init__()
-        self.sequence_arch = model.sequence_arch
+        self.sequence_arch = model.sequence_arch  # registered: its weights go into the program
+        self.__dict__["model"] = model  # referenced only (see DensePath)
 
     def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        s = self.sequence_arch.sequence_states(items, lengths)
-        return (*s.keys, *s.values, *s.valid, s.recent)
+        return self.model.sequence_cache(items, lengths)
 
 
 class ScoreCandidates(nn.Module):
@@ -167,20 +161,11 @@ class ScoreCandidates(nn.Module):
     def __init__(self, path: DensePath) -> None:
         super().__init__()
         self.path = path
-        self.layers = path.model.sequence_arch.cfg.num_layers
 
     def forward(
         self, dense: torch.Tensor, pooled: torch.Tensor, user_index: torch.Tensor, *cache: torch.Tensor
     ) -> torch.Tensor:
-        L = self.layers
-        keys, values, valid = (list(cache[i * L : (i + 1) * L]) for i in range(3))
-        states = SequenceStates(keys, values, valid, cache[-1])
-        m = self.path.model
-        parts = self.path.parts(dense, pooled)
-        candidate, user = m._global_inputs(parts)
-        longer = m.sequence_arch
-        e_s = longer.global_outputs(longer.globals_of(candidate, user), states.index_select(user_index))
-        return m._dense_logits(parts, e_s)
+        return self.path.model.logits_from_cache(self.path.parts(dense, pooled), user_index, *cache)
 
 
 def _export(name: str, module: nn.Module, args: tuple, dynamic: Any, path: Path) -> None:
@@ -262,7 +247,7 @@ def export(
         path = DensePath(model, wire).eval()
         B = Dim("batch", min=1)
         dense_dyn: dict[str, Any] = {"dense": {0: B}, "pooled": {0: B}}
-        if wire.sequence:
+        if model.serves_sequence_cache:
             N = Dim("items", min=0)
             seq_args = (inputs.items, inputs.lengths)
             dynamic = {**dense_dyn, "sequence": ({0: N}, {0: B})}
@@ -270,7 +255,7 @@ def export(
             seq_args, dynamic = (), dense_dyn
         with torch.no_grad():
             _export("dense path", path, (inputs.dense, inputs.pooled, *seq_args), dynamic, tmp / "dense.pt2")
-            if wire.sequence:
+            if model.serves_sequence_cache:
                 U = Dim("users", min=1)
                 enc = EncodeUser(model).eval()
                 enc_dyn = {"items": {0: N}, "lengths": {0: U}}

@@ -11,8 +11,8 @@
   renames to `out` only after every rank finished and the row count matched the input's; a failed job
   leaves no `out` (a later run removes the stale temp dir). `overwrite=true` replaces an existing `out`
   only at that last rename.
-- The computation is the serving one: the model in eval mode (Sparse-MoE with sparse inference, LONGER's
-  full forward), as `launch/eval.py` scores the same rows.
+- The computation is the serving one: the model in eval mode (the dense arch's serving inference mode,
+  the sequence arch's full forward), as `launch/eval.py` scores the same rows.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ are looked up from the artifact's whole tables (fp32, fp16 or int8 rows), and th
 `torch.export` program. Inputs: an Arrow table or record batch, a Parquet file, or a dict of feature
 lists; the label columns are not needed.
 
-LONGER (model.sequence=longer) also serves through its KV cache: `encode_users(users)` once per user,
-then `score_candidates(cache, user_index, candidates)` per batch of candidates, whose sequence columns
-may be left out.
+A model whose sequence arch caches per user also serves through that cache: `encode_users(users)` once
+per user, then `score_candidates(cache, user_index, candidates)` per batch of candidates, whose sequence
+columns may be left out.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-import models.moe_sparse  # noqa: F401  registers rankmixer::sparse_moe_ffn, which Sparse-MoE programs call
+import models  # noqa: F401  registers the model package's custom ops, which exported programs call
 from data.decode import Chunk, Decoder
 from data.schema import Schema
 
@@ -68,14 +68,15 @@ class ModelInputs:
 
     dense: torch.Tensor  # (B, Nd) float32
     pooled: torch.Tensor  # (B, W) float32: the pooled embeddings, in the manifest's column order
-    items: torch.Tensor | None = None  # (N, d_item) the sequence items of all rows (LONGER)
-    lengths: torch.Tensor | None = None  # (B,) items per row (LONGER)
+    items: torch.Tensor | None = None  # (N, d_item) the sequence items of all rows
+    lengths: torch.Tensor | None = None  # (B,) items per row
     user_id: torch.Tensor | None = None  # (B,) int64
 
 
 @dataclass
 class UserCache:
-    """LONGER's per-user keys / values of every layer, for U users (`Predictor.encode_users`)."""
+    """The sequence arch's per-user states (`RankingModel.sequence_cache`) of U users
+    (`Predictor.encode_users`)."""
 
     states: tuple[torch.Tensor, ...]
     user_id: torch.Tensor  # (U,)
@@ -160,10 +161,13 @@ class Predictor:
         for i, batch in enumerate(pf.iter_batches(batch_size=batch_size, columns=columns)):
             yield self.predict(batch, where=f"{path}: batch {i}")
 
-    # ---------------------------------------------------------------- LONGER KV cache
+    # ---------------------------------------------------------------- the per-user sequence cache
     def _require_cache(self, what: str) -> None:
         if "encode_user" not in self.programs:
-            raise ArtifactError(f"{self.path}: {what} needs a model trained with model.sequence=longer")
+            raise ArtifactError(
+                f"{self.path}: {what} needs a sequence arch that caches per user; this artifact's model has "
+                f"model.sequence={self.manifest['sequence']} (no encode_user.pt2)"
+            )
 
     @torch.no_grad()
     def encode_users(self, users: pa.Table) -> UserCache:

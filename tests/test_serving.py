@@ -245,7 +245,9 @@ def test_predictor_rejects_rows_the_model_cannot_score(dataset: Path, trained: d
     bad = rows.set_column(rows.column_names.index("item_id"), "item_id", pa.array([10**9] * 8, pa.int64()))
     with pytest.raises(DataError, match=r"input, column 'item_id': id 1000000000 outside \[0, 50000\)"):
         p.predict(bad)
-    with pytest.raises(ArtifactError, match="model.sequence=longer"):
+    with pytest.raises(
+        ArtifactError, match="caches per user; this artifact.s model has model.sequence=mean_pool"
+    ):
         p.encode_users(rows)
     with pytest.raises(ArtifactError, match="no manifest.json"):
         Predictor(tmp_path)
