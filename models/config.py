@@ -1,9 +1,10 @@
 """`ModelConfig`: the whole model's typed config, from Hydra to `RankingModel` (DESIGN s3).
 
-    model.arch       which dense arch (a key of DENSE_ARCHS)
-    model.sequence   how the behaviour sequence enters: none | mean_pool | longer (models/ranking.py)
-    model.longer     LONGER's options (sequence=longer)
-    model.dense      the dense arch's own config dataclass (RankMixerConfig, DLRMConfig, ...)
+    model.arch            which dense arch (a key of DENSE_ARCHS)
+    model.sequence        how the behaviour sequence enters: none | mean_pool | longer (models/ranking.py)
+    model.longer          LONGER's options (sequence=longer)
+    model.dense_proj_dim  width of each semantic group's projection of its dense float features
+    model.dense           the dense arch's own config dataclass (RankMixerConfig, DLRMConfig, ...)
 
 Each arch has a typed variant, `model_config_class(arch)`, whose `dense` field is that arch's config
 dataclass: Hydra presets extend it (`conf/model/<preset>.yaml`), so `model.dense.dim=128` is checked
@@ -23,10 +24,14 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from models.choice import Choice
 from models.longer import LongerConfig
 
-SEQUENCE_MODES = ("none", "mean_pool", "longer")
-SCHEMA_FIELDS = ("group_dims", "num_tasks")  # arch config fields the model fills in from the schema
+
+class SequenceMode(Choice):
+    none = "none"  # the behaviour sequence is left out
+    mean_pool = "mean_pool"  # pooled as bags, like any multi-hot feature
+    longer = "longer"  # looked up unpooled and run through LONGER (models/longer.py)
 
 
 class ArchSpec(NamedTuple):
@@ -73,13 +78,13 @@ def arch_classes(arch: str) -> tuple[type, type]:
 @dataclass
 class ModelConfig:
     arch: str = "rankmixer"
-    sequence: str = "mean_pool"  # none | mean_pool | longer
+    sequence: SequenceMode = SequenceMode.mean_pool
     longer: LongerConfig = field(default_factory=LongerConfig)
+    dense_proj_dim: int = 16  # width of each group's projection of its dense features (FeatureGroups)
     dense: Any = None  # the arch's config dataclass; None: its defaults
 
     def __post_init__(self) -> None:
-        if self.sequence not in SEQUENCE_MODES:
-            raise ValueError(f"model.sequence must be one of {SEQUENCE_MODES}, got {self.sequence!r}")
+        self.sequence = SequenceMode.parse(self.sequence, "model.sequence")
 
     def dense_config(self, group_dims: list[int], num_tasks: int) -> Any:
         """The dense arch's typed config with the schema-derived fields set."""
@@ -108,24 +113,3 @@ def model_config_class(arch: str) -> type[ModelConfig]:
     ]
     name = f"{config_cls.__name__.removesuffix('Config')}ModelConfig"
     return dataclasses.make_dataclass(name, fields, bases=(ModelConfig,))
-
-
-def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    """A typed ModelConfig from a plain mapping (a checkpoint's config.yaml, a test): unknown keys at any
-    level are an error naming them."""
-    d = dict(d)
-    arch = d.get("arch", "rankmixer")
-    cls = model_config_class(arch)
-    config_cls = arch_config_class(arch)
-    _reject_unknown(d, cls, "model")
-    dense = dict(d.pop("dense", None) or {})
-    _reject_unknown(dense, config_cls, "model.dense")
-    longer = dict(d.pop("longer", None) or {})
-    _reject_unknown(longer, LongerConfig, "model.longer")
-    return cls(**d, dense=config_cls(**dense), longer=LongerConfig(**longer))
-
-
-def _reject_unknown(d: dict[str, Any], cls: type, path: str) -> None:
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown} for {cls.__name__}")

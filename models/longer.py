@@ -56,7 +56,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-MERGE_MODES = ("concat", "inner")
+from models.choice import Choice
+
+
+class MergeMode(Choice):
+    concat = "concat"  # K items' embeddings side by side, then a linear map to D
+    inner = "inner"  # InnerTransformer over the K items
 
 
 @dataclass
@@ -70,7 +75,7 @@ class LongerConfig:
     num_layers: int = 2  # 1 cross-causal + (num_layers - 1) self-causal
     num_cls: int = 2  # learnable CLS global tokens
     merge: int = 8  # K items per merged token (1 = no merge)
-    merge_mode: str = "concat"  # concat | inner (InnerTransformer)
+    merge_mode: MergeMode = MergeMode.concat
     inner_dim: int = 32  # InnerTransformer width
     recent_queries: int = 8  # k most recent merged tokens that query in every layer
     ffn_mult: int = 2
@@ -86,8 +91,7 @@ class LongerConfig:
     lr_scale: float = 1.0  # multiplier of the dense lr for the LONGER module's parameters
 
     def __post_init__(self) -> None:
-        if self.merge_mode not in MERGE_MODES:
-            raise ValueError(f"longer.merge_mode must be one of {MERGE_MODES}, got {self.merge_mode!r}")
+        self.merge_mode = MergeMode.parse(self.merge_mode, "longer.merge_mode")
         if self.dim % self.num_heads:
             raise ValueError(f"longer: dim={self.dim} not divisible by num_heads={self.num_heads}")
         if self.merge < 1 or self.recent_queries < 1 or self.num_layers < 1:

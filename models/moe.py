@@ -39,7 +39,7 @@ Design choices:
      added to h_infer's logits moves each slot toward the target in both directions,
      c += bias_lr * sign(target - slot frequency) (as in DeepSeek-V3's auxiliary-loss-free balancing);
      being per slot, it also revives dead experts. It is not a parameter: no gradient, no optimizer.
-   Router parameters also get a smaller lr (`moe_router_lr_scale` of the arch's config, through the dense
+   Router parameters also get a smaller lr (`moe.router_lr_scale` of the arch's config, through the dense
    arch's `lr_scales()`).
 6. Baselines behind the same switch: "topk" (softmax over the k largest logits, k = round(N_e * ratio)
    unless top_k is set; unselected experts get gate 0, all experts still computed in training) and
@@ -57,19 +57,77 @@ Design choices:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.choice import Choice
 from models.collectives import mean_over_ranks
 from models.moe_sparse import sparse_ffn
 
-ROUTERS = ("relu_dtsi", "topk", "topk_balanced")
+
+class Router(Choice):
+    relu_dtsi = "relu_dtsi"  # the paper: ReLU gates, dense-train / sparse-infer routers (DTSI)
+    topk = "topk"  # baseline: softmax over the k largest logits
+    topk_balanced = "topk_balanced"  # baseline: topk + Switch load-balancing loss
+
+
+class DTSIMix(Choice):
+    """How h_infer gets the task gradient under relu_dtsi (design choice 4)."""
+
+    convex = "convex"
+    infer_value = "infer_value"
+    train_value = "train_value"
+
+
+ROUTERS = tuple(Router)
+DTSI_MIXES = tuple(DTSIMix)
 # SparseMoEFFN's router parameters: h_infer (router_*) and h_train (train_router_*, relu_dtsi only)
 ROUTER_PARAMS = ("router_w", "router_b", "train_router_w", "train_router_b")
 ACTIVE_RATIO = "moe/active_ratio"  # the metric key of the measured fraction of active experts
-DTSI_MIXES = ("convex", "infer_value", "train_value")
+
+
+@dataclass
+class MoEConfig:
+    """The Sparse-MoE FFN of a dense arch (`model.dense.moe.*`, used with `model.dense.ffn=smoe`): per token
+    `num_experts` experts, each D -> expert_mult * D -> D."""
+
+    num_experts: int = 4
+    expert_mult: float = 1.0  # k_e; k_e * D must be an integer
+    router: Router = Router.relu_dtsi
+    top_k: int = 0  # top-k baselines; 0 means round(num_experts * active_ratio)
+    active_ratio: float = 0.5  # target fraction of active experts (figure 3: 1, 1/2, 1/4, 1/8)
+    lambda_init: float = 1e-3  # initial L_reg coefficient (adapted every training step)
+    lambda_lr: float = 0.1  # lambda *= exp(lr * sign(active - target)) per training step
+    bias_lr: float = 0.05  # h_infer's per-slot bias += lr * sign(target - slot frequency) per step
+    balance_coef: float = 0.01  # Switch load-balancing loss weight (topk_balanced)
+    dtsi_mix: DTSIMix = DTSIMix.convex  # how h_infer gets the task gradient (design choice 4)
+    # lr multiplier of the routers (DenseArch.lr_scales). ReLU gates die under full-size RMSProp steps at
+    # lr 0.01 (reports/moe.md): routers step 10x smaller by default.
+    router_lr_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.router = Router.parse(self.router, "moe.router")
+        self.dtsi_mix = DTSIMix.parse(self.dtsi_mix, "moe.dtsi_mix")
+        if not 0.0 < self.active_ratio <= 1.0:
+            raise ValueError(f"moe.active_ratio must be in (0, 1], got {self.active_ratio}")
+        if not 1 <= self.k <= self.num_experts:
+            raise ValueError(f"moe top-k {self.k} not in [1, {self.num_experts}]")
+
+    def expert_hidden(self, dim: int) -> int:
+        return round(self.expert_mult * dim)
+
+    @property
+    def k(self) -> int:
+        """k of the top-k routers."""
+        return top_k_for(self.num_experts, self.active_ratio, self.top_k)
+
+    @property
+    def expected_active_ratio(self) -> float:
+        """Fraction of experts active per (token, sample) at the target: k / N_e for top-k routers."""
+        return self.active_ratio if self.router == Router.relu_dtsi else self.k / self.num_experts
 
 
 def _straight_through(z: torch.Tensor) -> torch.Tensor:

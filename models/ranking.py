@@ -65,10 +65,10 @@ class RankingModel(nn.Module):
         self,
         schema: Schema,
         model_cfg: ModelConfig,
-        dense_proj_dim: int = 16,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
+        dense_proj_dim = model_cfg.dense_proj_dim
         self.sequence_mode, longer_cfg = model_cfg.sequence, model_cfg.longer
         self.sparse_arch = SparseArch(schema, self.sequence_mode, device=device)
         self.sequence_arch: Longer | None = None

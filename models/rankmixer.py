@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.choice import Choice
 from models.dense_arch import DenseArch
 from models.heads import MultiTaskHead
 from models.init import init_linear_
 from models.moe import (
     ACTIVE_RATIO,
-    DTSI_MIXES,
-    ROUTERS,
+    MoEConfig,
     SparseMoEFFN,
     moe_aux_loss,
     moe_eval_stats,
@@ -49,13 +49,23 @@ from models.moe import (
     moe_stats_summary,
     router_lr_scales,
     set_sparse_inference,
-    top_k_for,
 )
 from models.rankmixer_ablations import ConcatMLP, SelfAttentionMixing, SharedFFN
 from models.rankmixer_cost import flops_breakdown
 
-TOKEN_MIXINGS = ("multi_head", "none", "self_attention", "all_concat_mlp", "all_share")
-FFNS = ("per_token", "shared", "smoe")
+
+class TokenMixingKind(Choice):
+    multi_head = "multi_head"  # the paper (eq. 3-5)
+    none = "none"  # table 2: w/o token mixing
+    self_attention = "self_attention"  # table 3: routing strategies
+    all_concat_mlp = "all_concat_mlp"
+    all_share = "all_share"
+
+
+class FFNKind(Choice):
+    per_token = "per_token"  # the paper (eq. 6-9)
+    shared = "shared"  # table 2: one FFN for all tokens
+    smoe = "smoe"  # section 3.4, models/moe.py
 
 
 @dataclass
@@ -67,55 +77,30 @@ class RankMixerConfig:
     dim: int = 768  # D
     num_layers: int = 2  # L
     ffn_mult: float = 2  # k: FFN hidden width is k * D (k * D must be an integer)
-    # multi_head (paper) | none (table 2) | self_attention | all_concat_mlp | all_share (table 3)
-    token_mixing: str = "multi_head"
-    # per_token (paper) | shared (table 2: one FFN for all tokens) | smoe (section 3.4, models/moe.py)
-    ffn: str = "per_token"
+    token_mixing: TokenMixingKind = TokenMixingKind.multi_head
+    ffn: FFNKind = FFNKind.per_token
     residual: bool = True  # table 2: "w/o skip connections" when False
     layer_norm: bool = True  # table 2: "w/o layer normalization" when False
     head_hidden: list[int] = field(default_factory=list)  # per-task tower hidden sizes ([] = one linear)
     head_dropout: float = 0.0  # on the pooled tokens entering the towers and their hidden activations
     dropout: float = 0.0  # on the FFN hidden activation and the FFN output
     attention_heads: int = 0  # heads for token_mixing=self_attention; 0 means T (must divide D)
-    # Sparse-MoE (ffn=smoe): N_e experts per token, each D -> moe_expert_mult * D -> D
-    moe_num_experts: int = 4
-    moe_expert_mult: float = 1.0  # k_e; k_e * D must be an integer
-    moe_router: str = "relu_dtsi"  # relu_dtsi (paper: ReLU gates + DTSI) | topk | topk_balanced (baselines)
-    moe_top_k: int = 0  # top-k baselines; 0 means round(moe_num_experts * moe_active_ratio)
-    moe_active_ratio: float = 0.5  # target fraction of active experts (figure 3: 1, 1/2, 1/4, 1/8)
-    moe_lambda_init: float = 1e-3  # initial L_reg coefficient (adapted every training step)
-    moe_lambda_lr: float = 0.1  # lambda *= exp(lr * sign(active - target)) per training step
-    moe_bias_lr: float = 0.05  # h_infer's per-slot bias += lr * sign(target - slot frequency) per step
-    moe_balance_coef: float = 0.01  # Switch load-balancing loss weight (topk_balanced)
-    moe_dtsi_mix: str = "convex"  # how h_infer gets the task gradient (see models/moe.py)
-    # lr multiplier of the routers (DenseArch.lr_scales). ReLU gates die under full-size RMSProp steps at
-    # lr 0.01 (reports/moe.md): routers step 10x smaller by default.
-    moe_router_lr_scale: float = 0.1
+    moe: MoEConfig = field(default_factory=MoEConfig)  # the Sparse-MoE FFN (ffn=smoe)
 
     def __post_init__(self) -> None:
-        if self.token_mixing not in TOKEN_MIXINGS:
-            raise ValueError(f"token_mixing must be one of {TOKEN_MIXINGS}, got {self.token_mixing!r}")
-        if self.ffn not in FFNS:
-            raise ValueError(f"ffn must be one of {FFNS}, got {self.ffn!r}")
+        self.token_mixing = TokenMixingKind.parse(self.token_mixing, "token_mixing")
+        self.ffn = FFNKind.parse(self.ffn, "ffn")
         if self.token_mixing == "multi_head" and self.dim % self.num_tokens:
             raise ValueError(f"multi-head token mixing uses H = T heads: D={self.dim} % T={self.num_tokens}")
         if self.token_mixing == "self_attention" and self.dim % self.num_attention_heads:
             raise ValueError(f"D={self.dim} not divisible by {self.num_attention_heads} attention heads")
         if abs(self.ffn_mult * self.dim - self.ffn_hidden) > 1e-6 or self.ffn_hidden < 1:
             raise ValueError(f"ffn_mult * dim = {self.ffn_mult * self.dim}: not a positive integer")
-        if self.ffn == "smoe":
-            if self.token_mixing == "all_concat_mlp":
+        if self.ffn == FFNKind.smoe:
+            if self.token_mixing == TokenMixingKind.all_concat_mlp:
                 raise ValueError("ffn=smoe replaces the per-token FFN; all_concat_mlp has none")
-            if self.moe_router not in ROUTERS:
-                raise ValueError(f"moe_router must be one of {ROUTERS}, got {self.moe_router!r}")
-            if self.moe_dtsi_mix not in DTSI_MIXES:
-                raise ValueError(f"moe_dtsi_mix must be one of {DTSI_MIXES}, got {self.moe_dtsi_mix!r}")
-            if not 0.0 < self.moe_active_ratio <= 1.0:
-                raise ValueError(f"moe_active_ratio must be in (0, 1], got {self.moe_active_ratio}")
-            if abs(self.moe_expert_mult * self.dim - self.moe_expert_hidden) > 1e-6:
-                raise ValueError(f"moe_expert_mult * dim = {self.moe_expert_mult * self.dim}: not an integer")
-            if not 1 <= self.moe_k <= self.moe_num_experts:
-                raise ValueError(f"moe top-k {self.moe_k} not in [1, {self.moe_num_experts}]")
+            if abs(self.moe.expert_mult * self.dim - self.moe.expert_hidden(self.dim)) > 1e-6:
+                raise ValueError(f"moe.expert_mult * dim = {self.moe.expert_mult * self.dim}: not an integer")
 
     @property
     def num_attention_heads(self) -> int:
@@ -128,22 +113,6 @@ class RankMixerConfig:
     @property
     def ffn_hidden(self) -> int:
         return round(self.ffn_mult * self.dim)
-
-    @property
-    def moe_expert_hidden(self) -> int:
-        return round(self.moe_expert_mult * self.dim)
-
-    @property
-    def moe_k(self) -> int:
-        """k of the top-k routers."""
-        return top_k_for(self.moe_num_experts, self.moe_active_ratio, self.moe_top_k)
-
-    @property
-    def moe_expected_active_ratio(self) -> float:
-        """Fraction of experts active per (token, sample) at the target: k / N_e for top-k routers."""
-        if self.moe_router == "relu_dtsi":
-            return self.moe_active_ratio
-        return self.moe_k / self.moe_num_experts
 
 
 class SemanticTokenizer(nn.Module):
@@ -248,16 +217,16 @@ def build_ffn(cfg: RankMixerConfig) -> nn.Module:
         return SparseMoEFFN(
             cfg.num_tokens,
             cfg.dim,
-            cfg.moe_num_experts,
-            cfg.moe_expert_hidden,
-            router=cfg.moe_router,
-            active_ratio=cfg.moe_active_ratio,
-            top_k=cfg.moe_top_k,
-            lambda_init=cfg.moe_lambda_init,
-            lambda_lr=cfg.moe_lambda_lr,
-            bias_lr=cfg.moe_bias_lr,
-            balance_coef=cfg.moe_balance_coef,
-            dtsi_mix=cfg.moe_dtsi_mix,
+            cfg.moe.num_experts,
+            cfg.moe.expert_hidden(cfg.dim),
+            router=cfg.moe.router,
+            active_ratio=cfg.moe.active_ratio,
+            top_k=cfg.moe.top_k,
+            lambda_init=cfg.moe.lambda_init,
+            lambda_lr=cfg.moe.lambda_lr,
+            bias_lr=cfg.moe.bias_lr,
+            balance_coef=cfg.moe.balance_coef,
+            dtsi_mix=cfg.moe.dtsi_mix,
             **args,
         )
     if cfg.token_mixing == "all_concat_mlp":
@@ -309,7 +278,7 @@ class RankMixer(DenseArch):
     def flops_per_sample(self, active_ratio: float | None = None) -> float:
         """Forward matmul FLOPs for one sample, from the config (multiply-add = 2). For ffn=smoe: None =
         dense-activated (every expert computed), a float = expected FLOPs with that fraction of experts
-        active (`self.cfg.moe_expected_active_ratio` is the training target)."""
+        active (`self.cfg.moe.expected_active_ratio` is the training target)."""
         return sum(flops_breakdown(self.cfg, active_ratio).values())
 
     # ---- DenseArch hooks: all Sparse-MoE (ffn=smoe); a dense FFN reports the defaults ---------------
@@ -337,11 +306,11 @@ class RankMixer(DenseArch):
         return moe_eval_stats(self.moe_ffns())
 
     def lr_scales(self) -> dict[str, float]:
-        """Sparse-MoE routers step at `moe_router_lr_scale` times the dense lr."""
+        """Sparse-MoE routers step at `moe.router_lr_scale` times the dense lr."""
         scales = {}
         for i, block in enumerate(self.blocks):
             if isinstance(block.ffn, SparseMoEFFN):
-                routers = router_lr_scales(block.ffn, self.cfg.moe_router_lr_scale)
+                routers = router_lr_scales(block.ffn, self.cfg.moe.router_lr_scale)
                 scales.update({f"blocks.{i}.ffn.{name}": s for name, s in routers.items()})
         return scales
 

@@ -36,7 +36,7 @@ def flops_breakdown(cfg: RankMixerConfig, active_ratio: float | None = None) -> 
              "head": float(head)}  # fmt: skip
     if cfg.ffn == "smoe":
         ratio = 1.0 if active_ratio is None else active_ratio
-        E, H = cfg.moe_num_experts, cfg.moe_expert_hidden
+        E, H = cfg.moe.num_experts, cfg.moe.expert_hidden(cfg.dim)
         parts["blocks_ffn"] = L * 4 * T * E * D * H * ratio
         parts["moe_router"] = float(L * 2 * T * D * E)
         parts["moe_gate_mix"] = L * 2 * T * E * D * ratio
@@ -56,8 +56,8 @@ def expected_num_params(cfg: RankMixerConfig) -> dict[str, int]:
     elif cfg.ffn == "shared":
         ffn = 2 * kD * D + kD + D
     elif cfg.ffn == "smoe":
-        E, H = cfg.moe_num_experts, cfg.moe_expert_hidden
-        num_routers = 2 if cfg.moe_router == "relu_dtsi" else 1  # h_infer (+ h_train)
+        E, H = cfg.moe.num_experts, cfg.moe.expert_hidden(cfg.dim)
+        num_routers = 2 if cfg.moe.router == "relu_dtsi" else 1  # h_infer (+ h_train)
         ffn = T * E * (2 * D * H + H + D) + num_routers * T * (D * E + E)
     else:
         ffn = 2 * kD * T * D + T * kD + T * D

@@ -212,9 +212,6 @@ def check_compatible(checkpoint: Path, config_yaml: str) -> None:
     current = yaml.safe_load(config_yaml)
     diffs = config_diff(saved["data"]["schema"], current["data"]["schema"], "schema")
     diffs += config_diff(saved["model"], current["model"], "model")
-    diffs += config_diff(
-        saved["trainer"]["dense_proj_dim"], current["trainer"]["dense_proj_dim"], "trainer.dense_proj_dim"
-    )
     if diffs:
         more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
         raise CheckpointError(

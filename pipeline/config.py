@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.choice import Choice
 from models.config import ModelConfig, model_config_class
 
 
@@ -32,6 +33,36 @@ def reject_unknown_keys(cfg: Any, path: str = "") -> None:
     for key in cfg.keys():
         # _get_node, not cfg[key]: reading a mandatory "???" value (eval's checkpoint) would raise here
         reject_unknown_keys(cfg._get_node(key), f"{path}.{key}" if path else str(key))
+
+
+class DenseOptimizer(Choice):
+    rmsprop = "rmsprop"  # the paper (s4.1)
+    adam = "adam"
+    adagrad = "adagrad"
+    sgd = "sgd"
+
+
+class LrSchedule(Choice):
+    """The dense lr after warmup (pipeline/optim.py `lr_multiplier`)."""
+
+    constant = "constant"
+    cosine = "cosine"  # to min_lr_ratio * lr at decay_steps, then flat
+    step = "step"  # times step_gamma every step_size steps
+
+
+class Autocast(Choice):
+    auto = "auto"  # bf16 on CUDA, off on CPU (CPU bf16 matmul is orders of magnitude slower than fp32)
+    bf16 = "bf16"
+    fp16 = "fp16"
+    off = "off"
+
+
+class Quantize(Choice):
+    """How an exported artifact stores embedding rows (pipeline/predictor.py `quantize_rows`)."""
+
+    none = "none"  # fp32
+    fp16 = "fp16"
+    int8 = "int8"  # row-wise: uint8 codes + a per-row fp32 scale and bias
 
 
 @dataclass
@@ -66,16 +97,14 @@ class SparseOptimConfig:
 class DenseOptimConfig:
     """Optimizer of everything outside the embedding tables (DDP-replicated). Paper s4.1: RMSProp, lr 0.01."""
 
-    name: str = "rmsprop"  # rmsprop | adam | adagrad | sgd
+    name: DenseOptimizer = DenseOptimizer.rmsprop
     lr: float = 0.01
     alpha: float = 0.99  # rmsprop smoothing
     eps: float = 1e-8
     momentum: float = 0.0
     weight_decay: float = 0.0
     warmup_steps: int = 200  # linear warmup of the dense lr from lr / warmup_steps
-    # after warmup: constant | cosine (to min_lr_ratio * lr at decay_steps, then flat) | step (times
-    # step_gamma every step_size steps); pipeline/optim.py `lr_multiplier`
-    schedule: str = "constant"
+    schedule: LrSchedule = LrSchedule.constant  # after warmup
     decay_steps: int = -1  # cosine: steps from the end of warmup to the floor; -1: the run's last step
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     step_size: int = 1000  # step schedule: steps between decays
@@ -117,7 +146,6 @@ class TrainerConfig:
     epochs: int = 1
     max_steps: int = -1  # stop after this many steps in total (-1: run all epochs)
     seed: int = 0
-    dense_proj_dim: int = 16  # width of each group's projection of its dense features
     log_every: int = 100
     eval_every: int = 0  # steps between validations; 0: at the end of every epoch
     eval_max_batches: int = -1  # cap on periodic validation batches per rank (-1: whole split)
@@ -125,7 +153,7 @@ class TrainerConfig:
     keep_last: int = 2
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     resume: str = "none"  # none | auto (latest complete checkpoint under run_dir) | a checkpoint path
-    autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    autocast: Autocast = Autocast.auto
     progress_bar: bool = True  # tqdm on rank 0, only when stderr is a TTY
     final_eval: bool = True  # evaluate data.split after training and write metrics.json
     # [start, end): profile these steps with torch.profiler on rank 0 -> <run_dir>/profile/ (chrome trace)
@@ -170,7 +198,7 @@ class ExportConfig:
 
     checkpoint: str = "???"  # a checkpoint dir or a run dir (its selected / latest checkpoint)
     out: str = "???"  # the artifact directory (written atomically)
-    quantize: str = "none"  # embedding rows: none (fp32) | fp16 | int8 (row-wise, per-row scale + bias)
+    quantize: Quantize = Quantize.none  # how the artifact stores embedding rows
     data_root: str | None = None  # rows for the parity check; None: the run's data.root
     split: str = "test"
     parity_rows: int = 2048

@@ -41,10 +41,10 @@ from models.feature_groups import signed_log
 from models.ranking import RankingModel, RankingTrainWrapper
 from models.sparse_arch import input_keys
 from pipeline.checkpoint import load_run_config
-from pipeline.config import TrainConfig
+from pipeline.config import Quantize, TrainConfig
 from pipeline.files import write_json_atomic
 from pipeline.job import split_dir
-from pipeline.predictor import FORMAT_VERSION, MANIFEST, QUANTIZE, Predictor, quantize_rows
+from pipeline.predictor import FORMAT_VERSION, MANIFEST, Predictor, quantize_rows
 
 log = logging.getLogger(__name__)
 TRACE_ROWS = 37
@@ -58,7 +58,7 @@ def load_unsharded(checkpoint: Path) -> tuple[RankingModel, TrainConfig, Schema]
     """The trained RankingModel in this one process, every table whole, in eval mode."""
     cfg = load_run_config(checkpoint)
     schema = Schema.from_dict(cfg.data.schema)
-    model = RankingModel(schema, cfg.model, dense_proj_dim=cfg.trainer.dense_proj_dim)
+    model = RankingModel(schema, cfg.model)
     wrapper = RankingTrainWrapper(model)  # the module the checkpoint's "model" entry was saved from
     state = {"model": wrapper.state_dict()}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
@@ -213,8 +213,7 @@ def export(
     """Write the artifact to `out` (atomically: a hidden temp dir renamed at the end); returns the
     manifest. The parity check scores `parity_rows` real rows of `<data_root>/<split>` (default: the
     run's data root) with both the training model and the loaded artifact."""
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZE)}")
+    quantize = Quantize.parse(quantize, "quantize")
     if out.exists() and not overwrite:
         raise ValueError(f"out={out} exists; choose another out or pass overwrite=true to replace it")
     model, cfg, schema = load_unsharded(checkpoint)

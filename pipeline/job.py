@@ -23,7 +23,7 @@ from models.dense_arch import DenseArch
 from models.ranking import RankingModel, RankingTrainWrapper
 from models.sparse_arch import input_keys
 from pipeline.checkpoint import load_run_config, resolve_checkpoint
-from pipeline.config import TrainConfig
+from pipeline.config import Autocast, TrainConfig
 from pipeline.dist import DistInfo, broadcast_object, init_distributed
 from pipeline.optim import build_optimizer, fuse_sparse_optimizer, set_initial_accumulator
 from pipeline.run_log import setup_logging
@@ -36,13 +36,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    if mode == "auto":
+def autocast_dtype(mode: Autocast, device: torch.device) -> torch.dtype | None:
+    mode = Autocast.parse(mode, "trainer.autocast")
+    if mode == Autocast.auto:
         return torch.bfloat16 if device.type == "cuda" else None
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-    if mode not in dtypes:
-        raise ValueError(f"trainer.autocast: {mode!r} is not one of auto, bf16, fp16, off")
-    return dtypes[mode]
+    return {Autocast.bf16: torch.bfloat16, Autocast.fp16: torch.float16, Autocast.off: None}[mode]
 
 
 def split_dir(root: str, split: str) -> Path:
@@ -98,9 +96,7 @@ def build_model(
 ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     """RankingModel (tables on meta, materialised by sharding) -> fused sparse optim -> DMP -> optimizer.
     `total_steps`: the training run's length, where a cosine lr schedule ends (0: not training)."""
-    model = RankingModel(
-        schema, cfg.model, dense_proj_dim=cfg.trainer.dense_proj_dim, device=torch.device("meta")
-    )
+    model = RankingModel(schema, cfg.model, device=torch.device("meta"))
     model.feature_groups.to(info.device)
     model.dense_arch.to(info.device)
     autocast = autocast_dtype(cfg.trainer.autocast, info.device)

@@ -18,7 +18,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.warmup import WarmupOptimizer
 
-from pipeline.config import DenseOptimConfig, SparseOptimConfig
+from pipeline.config import DenseOptimConfig, DenseOptimizer, LrSchedule, SparseOptimConfig
 
 
 def fuse_sparse_optimizer(sparse_module: nn.Module, cfg: SparseOptimConfig) -> None:
@@ -44,7 +44,6 @@ def set_initial_accumulator(dmp: DistributedModelParallel, value: float) -> None
 def _dense_optimizer_factory(cfg: DenseOptimConfig, scale_of: dict[int, float]):  # noqa: ANN202
     """params -> Optimizer with one param group per lr multiplier (`lr_scale`, keyed by parameter id).
     Every group's lr is cfg.lr * lr_scale."""
-    name = cfg.name.lower()
     makers = {
         "rmsprop": lambda g: torch.optim.RMSprop(
             g, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -53,20 +52,15 @@ def _dense_optimizer_factory(cfg: DenseOptimConfig, scale_of: dict[int, float]):
         "adagrad": lambda g: torch.optim.Adagrad(g, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay),
         "sgd": lambda g: torch.optim.SGD(g, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
     }
-    if name not in makers:
-        raise ValueError(f"optim.dense.name: unknown optimizer {cfg.name!r} (rmsprop | adam | adagrad | sgd)")
 
     def factory(params: list[torch.Tensor]) -> torch.optim.Optimizer:
         by_scale: dict[float, list[torch.Tensor]] = {}
         for p in params:  # first-seen order of the scales: the full-lr group first, as before
             by_scale.setdefault(scale_of[id(p)], []).append(p)
         groups = [{"params": ps, "lr_scale": s, "lr": cfg.lr * s} for s, ps in by_scale.items()]
-        return makers[name](groups)
+        return makers[DenseOptimizer.parse(cfg.name, "optim.dense.name")](groups)
 
     return factory
-
-
-SCHEDULES = ("constant", "cosine", "step")
 
 
 def lr_multiplier(step: int, cfg: DenseOptimConfig, total_steps: int = 0) -> float:
@@ -113,8 +107,7 @@ def build_dense_optimizer(
     """lr schedule -> clip -> RMSProp over the dense parameters. Parameters in `lr_scales` (keyed by
     parameter id: the model's `lr_scales()`) step at that multiple of the scheduled lr, the rest at the
     scheduled lr; the clipping norm is global. `total_steps` (the run's) ends a cosine schedule."""
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"optim.dense.schedule: {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    LrSchedule.parse(cfg.schedule, "optim.dense.schedule")
     scale_of = {id(p): (lr_scales or {}).get(id(p), 1.0) for p in named_params.values()}
     dense: KeyedOptimizer = KeyedOptimizerWrapper(named_params, _dense_optimizer_factory(cfg, scale_of))
     if cfg.grad_clip_norm > 0:

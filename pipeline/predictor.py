@@ -30,7 +30,6 @@ from data.schema import Schema
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-QUANTIZE = ("none", "fp16", "int8")
 
 
 def quantize_rows(weight: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:

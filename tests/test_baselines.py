@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.config import DENSE_ARCHS, arch_classes, model_config_from_dict
+from models.config import DENSE_ARCHS, ModelConfig, arch_classes, arch_config_class
 from models.dense_arch import DenseArch
 
 GROUP_DIMS = [20, 36, 12, 8, 28]
@@ -18,7 +18,8 @@ BASELINES = [a for a in DENSE_ARCHS if a != "rankmixer"]
 def build_dense_arch(arch: str, group_dims: list[int], num_tasks: int, **dense) -> DenseArch:
     if arch == "rankmixer":
         dense = {"num_tokens": 4, "dim": 16, **dense}
-    return model_config_from_dict({"arch": arch, "dense": dense}).build_dense_arch(group_dims, num_tasks)
+    config = ModelConfig(arch=arch, dense=arch_config_class(arch)(**dense))
+    return config.build_dense_arch(group_dims, num_tasks)
 
 
 def groups(batch: int = 5) -> list[torch.Tensor]:

@@ -191,7 +191,7 @@ measure_speed: true
 cells:
   - {{label: rankmixer, x: 1, overrides: [model=rankmixer_tiny, model.dense.dim=16]}}
   - {{label: smoe x0.5, x: 0.5, overrides: [model=rankmixer_tiny, model.dense.dim=16, model.dense.ffn=smoe,
-                                       model.dense.moe_num_experts=4, model.dense.moe_expert_mult=0.5]}}
+                                       model.dense.moe.num_experts=4, model.dense.moe.expert_mult=0.5]}}
 plots: [{{file: auc.png, y: finish/auc, x: x}}]
 """,
     )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from launch.benchmarks.dense import load_preset
-from models.moe import DTSI_MIXES, SparseMoEFFN
+from models.moe import DTSI_MIXES, MoEConfig, SparseMoEFFN
 from models.rankmixer import RankMixer, RankMixerConfig
 from models.rankmixer_cost import expected_num_params, flops_breakdown
 
@@ -38,10 +38,10 @@ def tiny_ffn(**kwargs) -> SparseMoEFFN:
     return SparseMoEFFN(T, D, E, H, **kwargs)
 
 
-def tiny_cfg(**overrides) -> RankMixerConfig:
-    fields = dict(group_dims=GROUP_DIMS, num_tasks=2, num_tokens=4, dim=16, num_layers=2, ffn="smoe",
-                  moe_num_experts=4, moe_expert_mult=1.5)  # fmt: skip
-    return RankMixerConfig(**{**fields, **overrides})
+def tiny_cfg(moe: dict | None = None, **overrides) -> RankMixerConfig:
+    fields = dict(group_dims=GROUP_DIMS, num_tasks=2, num_tokens=4, dim=16, num_layers=2, ffn="smoe")
+    experts = MoEConfig(**{"num_experts": 4, "expert_mult": 1.5, **(moe or {})})
+    return RankMixerConfig(**{**fields, **overrides}, moe=experts)
 
 
 def tiny_groups(batch: int = B, seed: int = 0) -> list[torch.Tensor]:
@@ -187,12 +187,14 @@ def test_sparse_flops_fall_with_the_active_ratio() -> None:
 
 def test_lambda_controller_steers_the_active_ratio_to_the_target() -> None:
     cfg = tiny_cfg(
-        moe_num_experts=8,
-        moe_active_ratio=0.25,
-        moe_lambda_init=1e-3,
-        moe_lambda_lr=0.1,
-        moe_bias_lr=0.0,
-        moe_dtsi_mix="infer_value",  # lambda alone: no bias controller; a mix that keeps gates on
+        moe=dict(
+            num_experts=8,
+            active_ratio=0.25,
+            lambda_init=1e-3,
+            lambda_lr=0.1,
+            bias_lr=0.0,
+            dtsi_mix="infer_value",  # lambda alone: no bias controller; a mix that keeps gates on
+        )
     )
     model = RankMixer(cfg)
     groups = tiny_groups(batch=64, seed=1)
@@ -209,7 +211,7 @@ def test_lambda_controller_steers_the_active_ratio_to_the_target() -> None:
     start, end = ratios[0], sum(ratios[-50:]) / 50
     assert start > 0.4  # ReLU gates of zero-mean logits: about half active at init
     assert abs(end - 0.25) < 0.05, (start, end)
-    assert max_lambda > 10 * cfg.moe_lambda_init  # lambda had to rise to push the ratio down
+    assert max_lambda > 10 * cfg.moe.lambda_init  # lambda had to rise to push the ratio down
     # eval forwards leave lambda alone
     lambdas = [ffn.lambda_.clone() for ffn in model.moe_ffns()]
     model.eval()
@@ -238,9 +240,9 @@ def _train_ratio(cfg: RankMixerConfig, steps: int, lr: float = 1e-2) -> float:
 def test_activation_bias_holds_a_target_above_where_the_task_gradient_drives_the_gates():
     # L1 can only push gates down: when the task gradient switches experts off (reports/moe.md), lambda
     # sits at its floor and the ratio stays under the target. The bias controller lifts it back.
-    cfg = dict(moe_num_experts=8, moe_active_ratio=0.75, moe_lambda_init=1e-3)
-    without = _train_ratio(tiny_cfg(**cfg, moe_bias_lr=0.0), 300)
-    with_bias = _train_ratio(tiny_cfg(**cfg, moe_bias_lr=0.05), 300)
+    cfg = dict(num_experts=8, active_ratio=0.75, lambda_init=1e-3)
+    without = _train_ratio(tiny_cfg(moe={**cfg, "bias_lr": 0.0}), 300)
+    with_bias = _train_ratio(tiny_cfg(moe={**cfg, "bias_lr": 0.05}), 300)
     assert without < 0.65, without
     assert abs(with_bias - 0.75) < 0.05, (without, with_bias)
 
@@ -297,12 +299,12 @@ class _GroupsAsArgs(torch.nn.Module):
 
 @pytest.mark.parametrize("router", ["relu_dtsi", "topk_balanced"])
 def test_train_forward_is_fx_symbolically_traceable(router: str) -> None:
-    model = RankMixer(tiny_cfg(moe_router=router)).train()
+    model = RankMixer(tiny_cfg(moe=dict(router=router))).train()
     traced = torch.fx.symbolic_trace(_GroupsAsArgs(model))
     groups = tiny_groups()
     torch.testing.assert_close(traced(*groups), model(groups))
     # the FFN alone as well: its graph computes what its eager forward computes from the same state
-    ffn = RankMixer(tiny_cfg(moe_router=router)).train().blocks[0].ffn  # fresh: no forward run yet
+    ffn = RankMixer(tiny_cfg(moe=dict(router=router))).train().blocks[0].ffn  # fresh: no forward run yet
     state = copy.deepcopy(ffn.state_dict())
     traced_ffn = torch.fx.symbolic_trace(ffn)  # shares ffn's tensors
     ffn.load_state_dict(state)  # tracing ran the controllers' in-place updates once, eagerly: undo them
@@ -333,7 +335,7 @@ def test_rankmixer_aux_loss_and_stats() -> None:
 
 @pytest.mark.parametrize("router", ["relu_dtsi", "topk"])
 def test_counts_match_real_params_and_a_flop_counter(router: str) -> None:
-    cfg = tiny_cfg(moe_router=router, head_hidden=[8])
+    cfg = tiny_cfg(moe=dict(router=router), head_hidden=[8])
     model = RankMixer(cfg).eval()
     assert model.num_params() == sum(expected_num_params(cfg).values())
     model.use_inference_mode("dense")  # every expert computed: the dense-activated count
@@ -355,7 +357,7 @@ def _preset_cfg(name: str, group_dims: list[int]) -> RankMixerConfig:
 
 def _eq12_experts(cfg: RankMixerConfig) -> float:
     """Eq. 12 with N_e experts of width k_e: #expert params ~ 2 k_e N_e L T D^2."""
-    return 2 * cfg.moe_expert_mult * cfg.moe_num_experts * cfg.num_layers * cfg.num_tokens * cfg.dim**2
+    return 2 * cfg.moe.expert_mult * cfg.moe.num_experts * cfg.num_layers * cfg.num_tokens * cfg.dim**2
 
 
 def test_small_smoe_preset_builds_on_meta_with_stated_counts() -> None:
@@ -365,7 +367,7 @@ def test_small_smoe_preset_builds_on_meta_with_stated_counts() -> None:
     assert model.num_params() == sum(expected_num_params(cfg).values()) == 34_872_322
     assert _eq12_experts(cfg) == pytest.approx(33.55e6, rel=0.01)  # 4x a dense k=2 per-token FFN (8.4M)
     dense_k2 = 4 * 2 * cfg.num_layers * cfg.num_tokens * cfg.dim**2
-    activated = flops_breakdown(cfg, cfg.moe_expected_active_ratio)["blocks_ffn"]
+    activated = flops_breakdown(cfg, cfg.moe.expected_active_ratio)["blocks_ffn"]
     assert activated == dense_k2  # at the target 1/4 the activated FFN compute equals the dense k=2 FFN
 
 
@@ -377,7 +379,7 @@ def test_1b_smoe_preset_builds_on_meta_with_stated_counts() -> None:
     assert model.num_params() == pytest.approx(4.90e9, rel=0.01)  # 8 x 0.604B experts + 63M tokenizer
     assert _eq12_experts(cfg) == pytest.approx(8 * 0.604e9, rel=0.01)
     dense_1b = 4 * 2 * cfg.num_layers * cfg.num_tokens * cfg.dim**2  # the 1B preset's FFN FLOPs (eq. 12)
-    assert flops_breakdown(cfg, cfg.moe_expected_active_ratio)["blocks_ffn"] == dense_1b
+    assert flops_breakdown(cfg, cfg.moe.expected_active_ratio)["blocks_ffn"] == dense_1b
     assert model.flops_per_sample() == pytest.approx(8 * dense_1b, rel=0.05)  # dense-activated
 
 

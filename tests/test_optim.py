@@ -8,9 +8,11 @@ import torch
 from torchrec.optim.keyed import CombinedOptimizer
 
 from data.schema import Schema
-from models.config import model_config_from_dict
-from models.moe import SparseMoEFFN, router_lr_scales
+from models.config import ModelConfig
+from models.longer import LongerConfig
+from models.moe import MoEConfig, SparseMoEFFN, router_lr_scales
 from models.ranking import RankingModel
+from models.rankmixer import RankMixerConfig
 from pipeline.config import DenseOptimConfig
 from pipeline.job import lr_scales_by_param
 from pipeline.optim import build_dense_optimizer, lr_multiplier
@@ -58,9 +60,11 @@ def test_router_lr_scale_one_keeps_a_single_group_and_warmup_ramps_it():
 def test_the_model_names_its_scaled_groups_longer_and_routers_and_the_optimizer_applies_them(
     two_table_schema: Schema,
 ):
-    dense = {"num_tokens": 2, "dim": 8, "ffn": "smoe", "moe_num_experts": 4, "moe_router_lr_scale": 0.1}
-    longer = {"dim": 8, "max_len": 8, "candidate_groups": ["item"], "lr_scale": 0.5}
-    cfg = model_config_from_dict({"dense": dense, "sequence": "longer", "longer": longer})
+    dense = RankMixerConfig(
+        num_tokens=2, dim=8, ffn="smoe", moe=MoEConfig(num_experts=4, router_lr_scale=0.1)
+    )
+    longer = LongerConfig(dim=8, max_len=8, candidate_groups=["item"], lr_scale=0.5)
+    cfg = ModelConfig(sequence="longer", longer=longer, dense=dense)
     model = RankingModel(two_table_schema, cfg, device=torch.device("meta"))
     scales = model.lr_scales()
     routers = {n for n in scales if n.startswith("dense_arch.")}

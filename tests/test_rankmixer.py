@@ -19,13 +19,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from launch.benchmarks.dense import load_preset
 from models.heads import MultiTaskHead
 from models.rankmixer import (
-    TOKEN_MIXINGS,
     PerTokenFFN,
     RankMixer,
     RankMixerBlock,
     RankMixerConfig,
     SemanticTokenizer,
     TokenMixing,
+    TokenMixingKind,
 )
 from models.rankmixer_ablations import ConcatMLP, SharedFFN
 from models.rankmixer_cost import expected_num_params, flops_breakdown
@@ -230,7 +230,7 @@ def test_ablation_all_share_feeds_the_whole_input_vector_to_every_token_ffn() ->
 # ---- RankMixer end to end ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("token_mixing", TOKEN_MIXINGS)
+@pytest.mark.parametrize("token_mixing", list(TokenMixingKind))
 @pytest.mark.parametrize("ffn", ["per_token", "shared"])
 def test_counts_match_real_params_and_a_flop_counter(token_mixing: str, ffn: str) -> None:
     cfg = tiny_cfg(token_mixing=token_mixing, ffn=ffn, head_hidden=[8])

@@ -13,8 +13,10 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from data.reader import DataError, ParquetReader
 from data.schema import Schema, SchemaError
-from models.config import ModelConfig, model_config_from_dict
+from models.config import ModelConfig
+from models.longer import LongerConfig
 from models.ranking import RankingModel, RankingTrainWrapper, pool_jagged
+from models.rankmixer import RankMixerConfig
 from models.sparse_arch import embedding_configs, input_keys
 
 SCHEMA = Schema.from_dict(
@@ -43,8 +45,8 @@ LONGER = {"dim": 8, "num_heads": 2, "num_layers": 2, "merge": 2, "recent_queries
 
 
 def model_cfg(sequence: str) -> ModelConfig:
-    return model_config_from_dict(
-        {"arch": "rankmixer", "dense": {"num_tokens": 2, "dim": 8}, "sequence": sequence, "longer": LONGER}
+    return ModelConfig(
+        sequence=sequence, longer=LongerConfig(**LONGER), dense=RankMixerConfig(num_tokens=2, dim=8)
     )
 
 
@@ -200,8 +202,8 @@ def test_embedding_l2_adds_the_mean_squared_norm_of_the_looked_up_embeddings(tmp
 
 def test_longer_tokens_come_from_the_schema_roles_and_a_missing_role_is_a_schema_error():
     no_groups = {k: v for k, v in LONGER.items() if not k.endswith("_groups")}
-    cfg = model_config_from_dict(
-        {"arch": "rankmixer", "dense": {"num_tokens": 2, "dim": 8}, "sequence": "longer", "longer": no_groups}
+    cfg = ModelConfig(
+        sequence="longer", longer=LongerConfig(**no_groups), dense=RankMixerConfig(num_tokens=2, dim=8)
     )
     needs_roles = r"schema 'seq': model.sequence=longer needs .* `roles: \{candidate"
     with pytest.raises(SchemaError, match=needs_roles):

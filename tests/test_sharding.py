@@ -17,13 +17,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import RecBatch
 from data.schema import Schema
-from models.config import model_config_from_dict
+from models.config import ModelConfig
 from models.ranking import RankingModel, RankingTrainWrapper
+from models.rankmixer import RankMixerConfig
 from pipeline.config import ShardingConfig, SparseOptimConfig
 
-MODEL = model_config_from_dict(
-    {"arch": "rankmixer", "dense": {"num_tokens": 4, "dim": 16, "num_layers": 2, "ffn_mult": 2}}
-)
+MODEL = ModelConfig(dense=RankMixerConfig(num_tokens=4, dim=16, num_layers=2, ffn_mult=2))
 CAPS = {"user_id": 60, "item_id": 80, "tags": 30, "seq_item": 80}
 B = 16  # rows per rank
 LR = 0.05

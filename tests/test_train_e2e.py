@@ -195,9 +195,9 @@ def test_missing_dataset_split_names_the_directory(tmp_path: Path):
 
 SMOE = [
     "model.dense.ffn=smoe",
-    "model.dense.moe_num_experts=4",
-    "model.dense.moe_active_ratio=0.5",
-    "model.dense.moe_router=relu_dtsi",
+    "model.dense.moe.num_experts=4",
+    "model.dense.moe.active_ratio=0.5",
+    "model.dense.moe.router=relu_dtsi",
 ]
 
 
@@ -242,11 +242,11 @@ def test_sparse_moe_run_logs_routing_resumes_exactly_and_evaluates_sparse_and_de
 
 def test_model_override_of_a_preset_field_is_type_checked(dataset: Path):
     proc = run(
-        [sys.executable, "launch/train.py", f"data.root={dataset}", "model.dense.moe_num_experts=many"],
+        [sys.executable, "launch/train.py", f"data.root={dataset}", "model.dense.moe.num_experts=many"],
         timeout=120,
     )
     assert proc.returncode != 0
-    assert "moe_num_experts" in proc.stderr
+    assert "model.dense.moe.num_experts" in proc.stderr
 
 
 @pytest.mark.parametrize("model", ["dlrm", "dcnv2", "autoint", "wukong", "mmoe"])

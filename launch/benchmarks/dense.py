@@ -115,7 +115,7 @@ def cmd_moe(args: argparse.Namespace) -> dict:
     model = RankMixer(cfg).to(device).eval()
     ffns = model.moe_ffns()
     groups = [torch.randn(args.batch_size, d, device=device) for d in group_dims]
-    num_experts = cfg.moe_num_experts
+    num_experts = cfg.moe.num_experts
     dense_rows = cfg.num_tokens * num_experts * args.batch_size * len(ffns)
     rows = []
     for ratio in args.ratios:
