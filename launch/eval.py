@@ -17,7 +17,7 @@ def main(cfg: DictConfig) -> None:
     reject_unknown_keys(cfg)
     config: EvalConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     result = run_eval(config)
-    print_report(result, config.data.root, title=f"eval of {result['checkpoint']} on {config.data.split}")
+    print_report(result, result["data_root"], title=f"eval of {result['checkpoint']} on {config.data.split}")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,28 @@ class DataConfig:
 
 
 @dataclass
+class ScoreDataConfig:
+    """What an eval or predict job scores. Unset (None) fields come from the checkpoint's own data config,
+    so a checkpoint scores the data it was trained on (an ML-100K run its ML-100K splits) unless told
+    otherwise; a value set here wins."""
+
+    root: str | None = None
+    split: str = "test"
+    eval_batch_size: int | None = None
+    prefetch: int | None = None
+
+    def over(self, trained: DataConfig) -> DataConfig:
+        """The training run's data config with this job's fields where set."""
+        return dataclasses.replace(
+            trained,
+            root=trained.root if self.root is None else self.root,
+            split=self.split,
+            eval_batch_size=trained.eval_batch_size if self.eval_batch_size is None else self.eval_batch_size,
+            prefetch=trained.prefetch if self.prefetch is None else self.prefetch,
+        )
+
+
+@dataclass
 class SparseOptimConfig:
     """Fused Adagrad on the embedding tables, applied inside the backward (TorchRec / FBGEMM)."""
 
@@ -173,7 +195,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     checkpoint: str = "???"  # a checkpoint dir (run_dir/checkpoints/step_N) or a run dir (its latest)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: ScoreDataConfig = field(default_factory=ScoreDataConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     output: str | None = None  # where metrics.json goes; None: <checkpoint>/eval_<split>/
     save_predictions: bool = False
@@ -186,7 +208,7 @@ class PredictConfig:
 
     checkpoint: str = "???"  # a checkpoint dir or a run dir (its selected / latest checkpoint)
     out: str = "???"  # the output directory of Parquet parts (written atomically)
-    data: DataConfig = field(default_factory=DataConfig)  # root / split / eval_batch_size (schema: the run's)
+    data: ScoreDataConfig = field(default_factory=ScoreDataConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     passthrough: list[str] = field(default_factory=list)  # input columns copied next to the scores
     overwrite: bool = False  # replace an existing `out`

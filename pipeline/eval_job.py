@@ -21,8 +21,7 @@ log = logging.getLogger(__name__)
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     info, checkpoint, run_cfg, schema = open_checkpoint_job(cfg.checkpoint)
     # Model and schema as trained; where the data lives and which split come from this job's config.
-    run_cfg.data.root, run_cfg.data.split = cfg.data.root, cfg.data.split
-    run_cfg.data.eval_batch_size = cfg.data.eval_batch_size
+    run_cfg.data = cfg.data.over(run_cfg.data)
     run_cfg.sharding = cfg.sharding
     dmp, _ = build_model(run_cfg, schema, info)
     load_checkpoint_into(checkpoint, dmp, optimizer=None)
@@ -33,6 +32,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     result = {
         "checkpoint": str(checkpoint),
         "split": cfg.data.split,
+        "data_root": run_cfg.data.root,
         "world_size": info.world_size,
         **metrics,
     }

@@ -132,17 +132,18 @@ def _temp_dir(out: Path, is_main: bool) -> Path:
 
 def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     info, checkpoint, run_cfg, schema = open_checkpoint_job(cfg.checkpoint)
+    data = cfg.data.over(run_cfg.data)
     passthrough = check_output(cfg, schema)
     # Every input is checked before the model is built: columns and types of every file (metadata only).
     reader = ParquetReader(
-        split_dir(cfg.data.root, cfg.data.split),
+        split_dir(data.root, data.split),
         schema,
-        batch_size=cfg.data.eval_batch_size,
+        batch_size=data.eval_batch_size,
         rank=info.rank,
         world_size=info.world_size,
         shuffle=False,
         policy="pad",
-        prefetch=cfg.data.prefetch,
+        prefetch=data.prefetch,
         split_keys=input_keys(schema, run_cfg.model.sequence),
         labels=False,
         extra_columns=passthrough,
@@ -170,8 +171,8 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
         raise
     result = {
         "checkpoint": str(checkpoint),
-        "data_root": cfg.data.root,
-        "split": cfg.data.split,
+        "data_root": data.root,
+        "split": data.split,
         "rows": expected,
         "world_size": info.world_size,
         "columns": part.arrow_schema.names,

@@ -4,6 +4,7 @@ config" test)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -13,7 +14,14 @@ from omegaconf import OmegaConf
 
 from launch.configs import CONF_DIR, register_configs
 from models.config import DENSE_ARCHS, ModelConfig, arch_config_class
-from pipeline.config import EvalConfig, TrainConfig, load_train_config, reject_unknown_keys
+from pipeline.config import (
+    DataConfig,
+    EvalConfig,
+    ScoreDataConfig,
+    TrainConfig,
+    load_train_config,
+    reject_unknown_keys,
+)
 
 MODEL_PRESETS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 DATA_CONFIGS = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
@@ -98,3 +106,10 @@ def test_every_recipe_composes_for_its_dataset(recipe: Path):
     data = [] if recipe.stem == "synthetic" else [f"data={recipe.stem}"]
     cfg = compose_train(*data, *overrides)
     assert cfg.data.schema["name"] == recipe.stem
+
+
+def test_eval_and_predict_score_the_checkpoints_own_data_unless_told_otherwise():
+    trained = DataConfig(root="datasets/ml100k", split="valid", eval_batch_size=4096, prefetch=3)
+    assert ScoreDataConfig().over(trained) == dataclasses.replace(trained, split="test")
+    mine = ScoreDataConfig(root="/copy/ml100k", split="valid", eval_batch_size=128).over(trained)
+    assert (mine.root, mine.split, mine.eval_batch_size, mine.prefetch) == ("/copy/ml100k", "valid", 128, 3)

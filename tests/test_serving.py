@@ -96,7 +96,8 @@ def test_predict_on_two_ranks_scores_every_row_once_as_eval_does(
     # launch/eval.py on the same 2 ranks scores the same rows in the same order, per rank
     ev = tmp_path / "eval"
     eval_cmd = [*TORCHRUN, "--nproc_per_node", "2", "launch/eval.py", f"checkpoint={trained['rankmixer']}"]
-    eval_cmd += [f"data.root={dataset}", "data.eval_batch_size=1024", f"output={ev}", "save_predictions=true"]
+    # no data.root: the checkpoint's own data (its run trained on `dataset`)
+    eval_cmd += ["data.eval_batch_size=1024", f"output={ev}", "save_predictions=true"]
     ok(run(eval_cmd))
     for rank in (0, 1):
         mine = pq.read_table(out / f"part-0000{rank}.parquet")
