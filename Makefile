@@ -44,13 +44,12 @@ datasets/ml100k/dataset.json: | $(STAMP)
 
 data: venv $(DATA_ROOT)/dataset.json
 
-# DATA other than synthetic also selects conf/data/$(DATA).yaml (`data=$(DATA)`). RECIPE=<file>: a list of
-# overrides ("- key=value" lines) applied before ARGS: by default conf/recipe/$(DATA).yaml (the recipe
-# chosen on validation for that dataset), or a search's reports/<search>/<arch>.tuned.yaml; RECIPE= none.
-RECIPE ?= $(wildcard conf/recipe/$(DATA).yaml)
-RECIPE_ARGS = $(if $(RECIPE),$(shell sed -n 's/^- //p' $(RECIPE)))
+# DATA other than synthetic selects conf/data/$(DATA).yaml (`data=$(DATA)`), and with it the dataset's recipe
+# (conf/recipe/$(DATA).yaml, else conf/recipe/default.yaml): exactly what `torchrun ... launch/train.py
+# data=$(DATA)` runs. RECIPE=<name> picks another recipe (`recipe=<name>`); ARGS are Hydra overrides.
+RECIPE ?=
 train: venv data
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launch/train.py $(if $(filter-out synthetic,$(DATA)),data=$(DATA) )$(RECIPE_ARGS) $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launch/train.py $(if $(filter-out synthetic,$(DATA)),data=$(DATA) )$(if $(RECIPE),recipe=$(RECIPE) )$(ARGS)
 
 test: venv
 	@# pytest exits 5 when it collected no test: for this project that means the suite went missing.

@@ -52,6 +52,17 @@ def exit_on_user_error(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def config_dirs(argv: list[str]) -> list[Path]:
+    """The `--config-dir` dirs of a command line."""
+    dirs = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]))
+    return dirs
+
+
 def check_config_yaml(argv: list[str]) -> None:
     """Every YAML file under conf/ and the `--config-dir` dirs parses; else one line with the file, line
     and column, before Hydra (whose YAML errors are a long traceback per rank) reads any of them."""
@@ -59,13 +70,7 @@ def check_config_yaml(argv: list[str]) -> None:
 
     from launch.configs import CONF_DIR
 
-    dirs = [CONF_DIR]
-    for i, arg in enumerate(argv):
-        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
-            dirs.append(Path(argv[i + 1]))
-        elif arg.startswith("--config-dir="):
-            dirs.append(Path(arg.split("=", 1)[1]))
-    for d in dirs:
+    for d in [CONF_DIR, *config_dirs(argv)]:
         for path in sorted(Path(d).rglob("*.yaml")):
             try:
                 yaml.safe_load(path.read_text())
@@ -77,9 +82,13 @@ def check_config_yaml(argv: list[str]) -> None:
                 sys.exit(2)
 
 
-def prepare_launch() -> None:
-    """What every entry point runs before Hydra: the YAML check, then the config nodes' registration."""
-    from launch.configs import register_configs
+def prepare_launch(train: bool = False) -> None:
+    """What every entry point runs before Hydra: the YAML check, then the config nodes' registration; for
+    a train job, the default recipe where the data has none of its own (`launch.configs.with_recipe`)."""
+    from launch.configs import register_configs, with_recipe
 
     check_config_yaml(sys.argv)
     register_configs()
+    if train:
+        overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+        sys.argv += with_recipe(overrides, config_dirs(sys.argv))[len(overrides) :]

@@ -37,6 +37,26 @@ def register_configs() -> None:
     register_model_configs()
 
 
+def with_recipe(overrides: Sequence[str], config_dirs: Sequence[Path] = ()) -> list[str]:
+    """A train job's overrides plus `recipe=default` where they name no recipe and the chosen dataset has
+    none of its own. conf/train.yaml picks `recipe: ${data}`: a dataset with a conf/recipe/<data>.yaml (or
+    one in a `--config-dir`) trains with it; Hydra's defaults list has no fallback for the others (a
+    user's data from `data.infer_schema`), so this adds it."""
+    import yaml
+
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
+    if "recipe" in keys:
+        return list(overrides)
+    defaults = yaml.safe_load((CONF_DIR / "train.yaml").read_text())["defaults"]
+    data = next(d["data"] for d in defaults if isinstance(d, dict) and "data" in d)
+    for o in overrides:
+        if o.startswith("data="):
+            data = o.split("=", 1)[1]
+    if any((d / "recipe" / f"{data}.yaml").is_file() for d in (CONF_DIR, *config_dirs)):
+        return list(overrides)
+    return [*overrides, "recipe=default"]
+
+
 def compose_model(preset: str, overrides: Sequence[str] = ()) -> ModelConfig:
     """The typed ModelConfig of `model=<preset>` (conf/model/<preset>.yaml) with `model.*`-relative
     overrides (e.g. `dense.dim=128`), composed by Hydra as a train job would. For tools that need the

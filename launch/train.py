@@ -25,5 +25,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    prepare_launch()
+    prepare_launch(train=True)
     main()

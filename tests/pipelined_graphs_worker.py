@@ -5,7 +5,8 @@
 as `launch/train.py` composes it and trained by `pipeline.train_loop.train`, one after the other in the
 same process group (one torchrun start and one TorchRec import for them all). Per combination, each rank's
 stderr (logging, warnings, tracebacks) goes to OUT/logs/<name>.rank<r>.log, and rank 0 appends one JSON
-line to OUT/results.jsonl: {"name", "errors": [per rank, None or a traceback], "losses", "seconds"}.
+line to OUT/results.jsonl: {"name", "errors": [per rank: None or a traceback], "train": [its train
+records], "seconds"}.
 """
 
 from __future__ import annotations
@@ -59,13 +60,14 @@ def compose_train_config(overrides: list[str]) -> Any:
     return OmegaConf.to_object(cfg)
 
 
-def train_losses(run_dir: Path) -> list[float]:
-    """Per-step total train loss (task losses + aux) from rank 0's metrics.jsonl (trainer.log_every=1)."""
+def train_records(run_dir: Path) -> list[dict[str, float]]:
+    """{"step", "loss", "aux_loss"} of every train record in rank 0's metrics.jsonl (a failed run that
+    saved no checkpoint has had its run dir removed by train())."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r["loss"] + r["aux_loss"] for r in records if r["kind"] == "train"]
+    return [{k: r[k] for k in ("step", "loss", "aux_loss")} for r in records if r["kind"] == "train"]
 
 
 def main(argv: list[str]) -> None:
@@ -101,7 +103,7 @@ def main(argv: list[str]) -> None:
         except Exception:  # the group itself is broken: nothing after this can run
             errors = [error, f"all_gather after {name} failed:\n{traceback.format_exc()}"]
         if rank == 0:
-            record = {"name": name, "errors": errors, "losses": train_losses(run_dir), "seconds": seconds}
+            record = {"name": name, "errors": errors, "train": train_records(run_dir), "seconds": seconds}
             with open(out / "results.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         if errors[-1] and errors[-1].startswith("all_gather after"):

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from launch.configs import CONF_DIR, register_configs
+from launch.configs import CONF_DIR, register_configs, with_recipe
 from models.config import DENSE_ARCHS, ModelConfig, arch_config_class
 from pipeline.config import (
     DataConfig,
@@ -24,13 +24,14 @@ from pipeline.config import (
 )
 
 MODEL_PRESETS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+SEARCH_RECIPES = CONF_DIR.parent / "reports" / "search_ml100k"
 DATA_CONFIGS = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
 
 
 def compose_train(*overrides: str) -> TrainConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="train", overrides=list(overrides))
+        cfg = compose(config_name="train", overrides=with_recipe(overrides))
     reject_unknown_keys(cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
@@ -98,14 +99,46 @@ def test_a_wrong_choice_is_refused_listing_the_allowed_values_before_anything_ru
         arch_config_class("dlrn")
 
 
-@pytest.mark.parametrize("recipe", sorted((CONF_DIR / "recipe").glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_recipe_composes_for_its_dataset(recipe: Path):
-    # conf/recipe/<data>.yaml: the Makefile passes its "- key=value" lines as overrides (make train DATA=...)
-    overrides = [line[2:] for line in recipe.read_text().splitlines() if line.startswith("- ")]
-    assert overrides, recipe
-    data = [] if recipe.stem == "synthetic" else [f"data={recipe.stem}"]
-    cfg = compose_train(*data, *overrides)
-    assert cfg.data.schema["name"] == recipe.stem
+def test_each_dataset_trains_with_its_own_recipe_unless_told_otherwise():
+    built_in = compose_train()  # what `make train` and a plain `torchrun launch/train.py` run
+    assert (built_in.trainer.epochs, built_in.optim.dense.lr, built_in.optim.dense.schedule) == (
+        2,
+        0.003,
+        "cosine",
+    )
+    assert built_in.optim.sparse.l2 == 1e-5
+    ml = compose_train("data=ml100k")
+    assert (ml.trainer.epochs, ml.optim.dense.lr, ml.data.batch_size, ml.model.dense.dropout) == (
+        5,
+        0.002573,
+        1024,
+        0.2057,
+    )
+    paper = compose_train("recipe=paper", "optim.dense.lr=0.02")  # the library defaults; overrides still win
+    assert (paper.trainer.epochs, paper.optim.dense.lr, paper.optim.dense.schedule) == (1, 0.02, "constant")
+
+
+def test_a_dataset_without_a_recipe_of_its_own_gets_the_default_recipe(tmp_path: Path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.yaml").write_text((CONF_DIR / "data" / "synthetic.yaml").read_text())
+    assert with_recipe(["data=mine"], [tmp_path]) == ["data=mine", "recipe=default"]
+    assert with_recipe(["data=mine", "recipe=paper"], [tmp_path]) == ["data=mine", "recipe=paper"]
+    assert with_recipe(["data=ml100k"]) == ["data=ml100k"]  # conf/recipe/ml100k.yaml
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text("# @package _global_\ntrainer: {epochs: 3}\n")
+    assert with_recipe(["data=mine"], [tmp_path]) == ["data=mine"]  # its own, in its --config-dir
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml")))
+def test_every_recipe_composes(recipe: str):
+    assert isinstance(compose_train(f"recipe={recipe}"), TrainConfig)
+
+
+@pytest.mark.parametrize("arch", sorted(p.stem for p in (SEARCH_RECIPES / "recipe").glob("*.yaml")))
+def test_a_searchs_recipes_compose_with_their_arch(arch: str):
+    """reports/search_ml100k/recipe/<arch>.yaml, as `--config-dir reports/search_ml100k recipe=<arch>`."""
+    cfg = compose_train("data=ml100k", f"recipe={arch}", f"hydra.searchpath=[file://{SEARCH_RECIPES}]")
+    assert cfg.model.arch == ("rankmixer" if arch == "rankmixer" else arch) and cfg.data.batch_size == 1024
 
 
 def test_eval_and_predict_score_the_checkpoints_own_data_unless_told_otherwise():

@@ -1,7 +1,7 @@
 """launch/search.py and launch/sweep/search.py: the `search:` section is validated naming the key; with
 the training job faked, trials run until `trials` are finished, a restart reuses the Optuna journal (no
 trial rerun, an interrupted trial retried with its parameters), a trial worse than the median is pruned,
-the final seeds train the best trial's settings and the report and <arch>.tuned.yaml are written; the
+the final seeds train the best trial's settings and the report and recipe/<arch>.yaml are written; the
 pruning watcher kills a real running process group; and a real 2-trial search runs end to end."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import launch.sweep.runner as experiment
 from data.metrics.summary import metric_value_or_none as metric_value
 from launch.search import main
 from launch.sweep.config import load_sweep
-from launch.sweep.search import ValidationWatcher
+from launch.sweep.search import ValidationWatcher, recipe_yaml
 
 
 def write(path: Path, text: str) -> Path:
@@ -94,6 +94,15 @@ def test_search_excludes_cells_and_quick_cuts_trials_seeds_and_archs(tmp_path: P
     assert cfg.search.trials == 9 and cfg.seeds == [0, 1] and list(cfg.search.archs) == ["a", "b"]
     with pytest.raises(SystemExit, match=r"quick\.labels: \['c'\] are not search\.archs"):
         load_sweep(write(tmp_path / "l.yaml", body + ", labels: [c]}\n"), quick=True)
+
+
+def test_a_recipe_is_the_overrides_as_nested_keys_and_group_choices_as_overrides():
+    recipe = yaml.safe_load(recipe_yaml(["model=dlrm", "optim.dense.lr=0.002", "model.dense.mlp_width=32"]))
+    assert recipe == {
+        "defaults": [{"override /model": "dlrm"}],
+        "optim": {"dense": {"lr": 0.002}},
+        "model": {"dense": {"mlp_width": 32}},
+    }
 
 
 def test_metric_value_computes_the_mean_over_tasks_when_the_trainer_did_not():
@@ -192,7 +201,7 @@ def test_search_finishes_trials_resumes_from_its_journal_and_trains_the_best_set
         assert overrides[-2:] == best["overrides"] == results["tuned"]
     # the recipe: everything the chosen trial trained with (the arch's, the tuned, the common overrides)
     recipe = ["model=dlrm", *best["overrides"], "trainer.max_steps=30"]
-    assert yaml.safe_load((out / "a.tuned.yaml").read_text()) == recipe
+    assert yaml.safe_load((out / "recipe" / "a.yaml").read_text()) == yaml.safe_load(recipe_yaml(recipe))
     assert results["stats"]["finish/auc"][1] > 0 and results["params"] > 0  # 2 seeds: a spread
     readme = (out / "README.md").read_text()
     assert "| a | `" in readme and "## a" in readme and "| 2 | FAIL |" in readme and "4 / 0 / 1" in readme
@@ -301,7 +310,7 @@ search:
     trial_metrics = json.loads((out / "trials" / "dlrm-0" / "metrics.json").read_text())
     assert "test" not in trial_metrics and metric_value(trial_metrics["valid"], "mean_auc") > 0.4
     assert "| dlrm | `optim.dense.lr=" in (out / "README.md").read_text()
-    assert yaml.safe_load((out / "dlrm.tuned.yaml").read_text())[:2] == [
-        "model=dlrm",
-        "model.dense.mlp_width=32",
-    ]
+    # the written recipe trains what the chosen trial trained: `--config-dir <out> recipe=dlrm`
+    chosen = experiment.compose([f"hydra.searchpath=[file://{out}]", "recipe=dlrm"])
+    assert chosen.model.arch == "dlrm" and chosen.model.dense.mlp_width == 32
+    assert chosen.optim.dense.lr == pytest.approx(result["best"]["params"]["optim.dense.lr"], rel=1e-3)

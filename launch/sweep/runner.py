@@ -48,12 +48,12 @@ def compose(overrides: list[str]) -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from launch.configs import register_configs
+    from launch.configs import register_configs, with_recipe
     from pipeline.config import reject_unknown_keys
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
-        cfg = hydra_compose(config_name="train", overrides=overrides)
+        cfg = hydra_compose(config_name="train", overrides=with_recipe(overrides))
     reject_unknown_keys(cfg)
     return cfg
 

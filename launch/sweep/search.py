@@ -225,22 +225,47 @@ def _trial_rows(study: optuna.Study, spec: ArchSearch) -> list[dict]:
     ]
 
 
+def recipe_yaml(overrides: list[str], comment: str = "") -> str:
+    """Hydra overrides as a recipe config (conf/recipe/*.yaml: `# @package _global_`): `a.b=v` becomes
+    nested keys, a config-group choice (`model=dlrm`) an `override /model: dlrm` in its defaults list."""
+    groups, values = [], {}
+    for o in overrides:
+        key, value = o.split("=", 1)
+        if "." not in key:
+            groups.append({f"override /{key}": value})
+            continue
+        *parents, leaf = key.split(".")
+        node = values
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(value)
+    body = {"defaults": groups} if groups else {}
+    recipe = yaml.safe_dump({**body, **values}, default_flow_style=False, sort_keys=False)
+    return "# @package _global_\n" + comment + recipe
+
+
 def write_tuned(
-    path: Path, cfg: SweepConfig, arch: str, tuned: list[str], best: optuna.trial.FrozenTrial
-) -> None:
-    """The recipe: every override the chosen trial trained with (the common ones, the arch's, the tuned
-    values), except the dataset choice (`data=`: the caller's, e.g. `make train DATA=... RECIPE=...`)
-    and display settings."""
-    recipe = [o for o in [*tuned, *cfg.overrides] if not o.startswith(("data=", "trainer.progress_bar="))]
-    shown = path.resolve()
+    out: Path, cfg: SweepConfig, arch: str, tuned: list[str], best: optuna.trial.FrozenTrial
+) -> Path:
+    """`<out>/recipe/<arch>.yaml`: a recipe of every override the chosen trial trained with (the common
+    ones, the arch's, the tuned values), except the dataset choice (`data=`: the caller's) and display
+    settings. `--config-dir <out> recipe=<arch>` trains with it."""
+    recipe = [
+        o for o in [*tuned, *cfg.overrides] if not o.startswith(("data=", "recipe=", "trainer.progress_bar="))
+    ]
+    shown = out.resolve()
     if shown.is_relative_to(Path.cwd()):  # the default report dir is absolute; the README runs from the repo
         shown = shown.relative_to(Path.cwd())
     header = (
-        f"# {cfg.name}: {arch}'s chosen overrides (trial {best.number}, valid {cfg.search.metric} "
-        f"{best.value:.4f}), selected on the validation split.\n"
-        f"#   make train DATA=<the search's data> RECIPE={shown.as_posix()}\n"
+        f"# {cfg.name}: {arch}'s chosen settings (trial {best.number}, valid {cfg.search.metric} "
+        f"{best.value:.4f}), selected on the validation split. Train with them:\n"
+        f"#   torchrun --nproc_per_node 2 launch/train.py --config-dir {shown.as_posix()} "
+        f"data=<the search's data> recipe={arch}\n"
     )
-    path.write_text(header + yaml.safe_dump(recipe, default_flow_style=False, sort_keys=False))
+    path = out / "recipe" / f"{arch}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(recipe_yaml(recipe, header))
+    return path
 
 
 def describe(p: ParamSpec) -> str:
@@ -290,7 +315,7 @@ def run_search(cfg: SweepConfig, out: Path, nproc: int, quick: bool, dry_run: bo
             tuned = as_overrides(spec.params, best.params)
             result["best"] = {"number": best.number, "value": best.value, "params": best.params}
             result["tuned"] = tuned
-            write_tuned(out / f"{arch}.tuned.yaml", cfg, arch, [*spec.overrides, *tuned], best)
+            write_tuned(out, cfg, arch, [*spec.overrides, *tuned], best)
             for seed in cfg.seeds:
                 elapsed = f"{time.time() - t0:.0f} s"
                 print(
