@@ -19,7 +19,7 @@ ML100K_PIP := $(PY) -m pip download --disable-pip-version-check --no-deps recbol
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: venv data train test lint bench clean
+.PHONY: venv data train test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -55,6 +55,10 @@ test: venv
 	@# pytest exits 5 when it collected no test: for this project that means the suite went missing.
 	rc=0; $(PY) -m pytest -q $(ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+# The inner loop: everything but the multi-process end-to-end tests (`-m "not slow"`). CI runs `make test`.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -26,6 +26,7 @@ def inferred(root: Path, capsys: pytest.CaptureFixture, *args: str) -> tuple[str
     return text, yaml.safe_load(text)
 
 
+@pytest.mark.slow
 def test_inferred_schema_of_the_built_in_data_finds_its_roles_and_trains(
     small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
@@ -208,6 +209,7 @@ def test_without_a_label_like_name_the_first_0_1_column_is_the_only_label(tmp_pa
     assert "none is named like a task: the first is the label; features: flag" in text
 
 
+@pytest.mark.slow
 def test_inferred_schema_of_flat_data_trains(flat: tuple[str, Schema, Path], tmp_path: Path):
     text, _, root = flat
     conf = tmp_path / "conf" / "data"

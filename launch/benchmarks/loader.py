@@ -1,6 +1,6 @@
 """Reader throughput: rows/s from Parquet to RecBatch (with prefetch) on one core.
 
-    python -m data.loader_bench --root datasets/synthetic --batch-size 512 [--split train] [--max-batches N]
+    python launch/bench.py loader --root datasets/synthetic --batch-size 512 [--split train] [--max-batches N]
 
 `bench_loader(args)` is the entry point `launch/bench.py loader` calls; `args` needs root, batch_size and
 optionally config, split, max_batches, threads, shuffle.

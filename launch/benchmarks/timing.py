@@ -1,5 +1,5 @@
-"""Timing utilities shared by the benchmarks (`launch/bench.py`, `launch/bench_longer.py`) and the sweep
-runner's dense-arch speed (`launch/experiment.py`): device-synchronised call timing, the GEMM peak that MFU
+"""Timing utilities shared by the benchmarks (`launch/bench.py`, `launch/benchmarks/`) and the sweep
+runner's dense-arch speed (`launch/sweep/runner.py`): device-synchronised call timing, the GEMM peak that MFU
 is measured against, a dense arch's training speed (samples/s, FLOP/s, MFU), saved-activation bytes and
 the `--json` writer. Imports torch only.
 

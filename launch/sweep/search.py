@@ -95,7 +95,7 @@ class ValidationWatcher:
 
 def override_value(value: Any) -> str:
     """A sampled value as Hydra override text; floats to 4 significant digits, so that the overrides a
-    trial ran, the final runs and <arch>.tuned.yaml read the same (and readably)."""
+    trial ran, the final runs and recipe/<arch>.yaml read the same (and readably)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
