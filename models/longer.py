@@ -38,10 +38,9 @@ Design decisions (the abstract names the parts; where it is silent, the full pap
    keys/values, so cached and uncached outputs are equal up to float rounding.
 8. Output scale: e_s = LayerNorm(global outputs) with the gain initialised to `output_gain` (0.1), not 1.
    RankMixer's multi-head token mixing puts a slice of every token into every token and then applies a
-   post-LN, so one group at unit RMS beside embedding groups at RMS ~0.2 drowns their slices. Measured
-   (reports/longer.md, 600 steps): at gain 1 LONGER trails feeding zeros in e_s's place by 0.0044 /
-   0.0107 finish / skip AUC; at gain 0.1 (learnable, free to grow) by 0.0017 / 0.0008, and after one
-   epoch it beats mean pooling (gain 1 did not).
+   post-LN, so one group at unit RMS beside embedding groups at RMS ~0.2 drowns their slices. The gain
+   is learnable (free to grow); gain 1 vs 0.1 against feeding zeros and mean pooling is measured in
+   reports/longer.md.
 """
 
 from __future__ import annotations

@@ -17,9 +17,8 @@ Design choices:
      exact gradients, so h_infer gets the true task gradient at its own gates (public code that feeds it
      only the L1 gradient collapses it to zero) and h_train, which L_reg never touches, keeps the experts
      that h_infer switches off trained (dense training). Serving uses h_infer alone, v = sum_j G_infer_j
-     e_j. The train/serve gap this leaves is measured, not assumed: on the built-in data, serving at
-     ratio 1/2 is 0.004 / 0.006 AUC (finish / skip) under the dense model of the same width, and ReLU
-     routing trails top-k softmax routing at this scale (reports/moe.md, figure 3 grid).
+     e_j. The train/serve gap this leaves, and how ReLU routing compares with top-k softmax routing, are
+     measured in reports/moe.md (figure 3 grid).
    - "infer_value": v = sum_j G_infer_j e_j + ST(sum_j G_train_j e_j), ST(z) = z - z.detach(): the forward
      value is exactly the serving computation (no gap), but an expert's gradient is weighted by
      G_infer + G_train while its output only counts through G_infer -- a biased gradient; nothing bounds
