@@ -32,6 +32,28 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory, synthetic_schema: Sc
     return root
 
 
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40k rows written by the generator's command line (`python -m data.build.generate`), as a user
+    builds the built-in data; returns the dataset root."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("cli") / "data"
+    cmd = [
+        sys.executable,
+        "-m",
+        "data.build.generate",
+        "--config",
+        str(SYNTHETIC_CONFIG),
+        "--root",
+        str(root),
+    ]
+    proc = subprocess.run([*cmd, "--rows", "40000", "--seed", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
 _TWO_TABLE_SCHEMA = {
     "name": "t",
     "labels": ["finish", "skip"],

@@ -23,22 +23,6 @@ MODELS = {"rankmixer": [], "smoe": SMOE, "longer": LONGER}
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("serving") / "data"
-    gen = [
-        sys.executable,
-        "-m",
-        "data.build.generate",
-        "--config",
-        "conf/data/synthetic.yaml",
-        "--root",
-        str(root),
-    ]
-    ok(run([*gen, "--rows", "40000", "--seed", "3"]))
-    return root
-
-
-@pytest.fixture(scope="module")
 def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 2-rank run of each model (16 steps: scoring only needs trained, non-trivial weights)."""
     runs = {}

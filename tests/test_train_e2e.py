@@ -30,29 +30,6 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("e2e") / "data"
-    ok(
-        run(
-            [
-                sys.executable,
-                "-m",
-                "data.build.generate",
-                "--config",
-                "conf/data/synthetic.yaml",
-                "--root",
-                str(root),
-                "--rows",
-                "40000",
-                "--seed",
-                "3",
-            ]
-        )
-    )
-    return root
-
-
 def train_cmd(dataset: Path, run_dir: Path, *overrides: str, nproc: int = 2) -> list[str]:
     return [
         *TORCHRUN,
