@@ -222,3 +222,8 @@ def test_inferred_schema_of_flat_data_trains(flat: tuple[str, Schema, Path], tmp
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test metrics" in proc.stdout
+    # a user's data has no recipe of its own: it trained with conf/recipe/default.yaml
+    trained = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    default = yaml.safe_load((ROOT / "conf" / "recipe" / "default.yaml").read_text())
+    assert trained["optim"]["dense"]["schedule"] == default["optim"]["dense"]["schedule"] == "cosine"
+    assert trained["trainer"]["early_stop"]["patience"] == default["trainer"]["early_stop"]["patience"] > 0

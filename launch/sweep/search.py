@@ -1,4 +1,4 @@
-"""Search mode of `launch/runner.py`: a sweep config with a `search:` section (`SearchConfig`).
+"""The search behind `launch/search.py`: a sweep config with a `search:` section (`SearchConfig`).
 
 Per arch one Optuna study (TPE sampler, median pruner) picks hyper-parameters on the VALIDATION split;
 only the chosen settings are then trained with the sweep's seeds and evaluated on the test split, once.
