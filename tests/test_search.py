@@ -120,7 +120,7 @@ def test_metric_value_computes_the_mean_over_tasks_when_the_trainer_did_not():
 
 
 class FakeRuns:
-    """Stands in for launch.sweep.runner.run_cell: writes a validation curve to metrics.jsonl line by line (calling
+    """Stands in for runner.run_cell: writes a validation curve to metrics.jsonl line by line (calling
     the monitor after each, as run_cell's wait loop would) and a metrics.json. The curve rises with
     log(lr), or is flat at 0.45 for the trials in `bad`; `interrupt` raises KeyboardInterrupt instead.
     Like run_cell, it returns a finished run's metrics.json without rerunning it.
