@@ -97,8 +97,7 @@ def build_model(
     """RankingModel (tables on meta, materialised by sharding) -> fused sparse optim -> DMP -> optimizer.
     `total_steps`: the training run's length, where a cosine lr schedule ends (0: not training)."""
     model = RankingModel(schema, cfg.model, device=torch.device("meta"))
-    model.feature_groups.to(info.device)
-    model.dense_arch.to(info.device)
+    place_dense_modules(model, info.device)
     autocast = autocast_dtype(cfg.trainer.autocast, info.device)
     wrapper = RankingTrainWrapper(model, autocast, info.device.type, embedding_l2=cfg.optim.sparse.l2)
     fuse_sparse_optimizer(model.sparse_arch, cfg.optim.sparse)
@@ -106,6 +105,15 @@ def build_model(
     optimizer = build_optimizer(dmp, cfg.optim.dense, lr_scales_by_param(model), total_steps)
     set_initial_accumulator(dmp, cfg.optim.sparse.initial_accumulator_value)
     return dmp, optimizer
+
+
+def place_dense_modules(model: RankingModel, device: torch.device) -> None:
+    """Every module but the sparse arch on the job's device (feature groups, sequence arch, dense arch,
+    and whatever the model gains later): DDP refuses parameters spread over devices. The sparse arch's
+    tables stay on meta here; sharding materialises them where the plan puts them."""
+    for child in model.children():
+        if child is not model.sparse_arch:
+            child.to(device)
 
 
 def lr_scales_by_param(model: RankingModel | DenseArch) -> dict[int, float]:

@@ -18,6 +18,7 @@ from models.longer import LongerConfig
 from models.ranking import RankingModel, RankingTrainWrapper, pool_jagged
 from models.rankmixer import RankMixerConfig
 from models.sparse_arch import embedding_configs, input_keys
+from pipeline.job import place_dense_modules
 
 SCHEMA = Schema.from_dict(
     {
@@ -242,3 +243,15 @@ def test_mean_pooled_bags_are_sums_divided_by_bag_size_and_empty_bags_are_zero()
     torch.testing.assert_close(out["s_item"][1], torch.zeros(8))
     torch.testing.assert_close(out["s_act"][1], act[2])
     torch.testing.assert_close(out["u"][0], weight["u"][1])  # summed (one row)
+
+
+@pytest.mark.parametrize("mode", ["none", "mean_pool", "longer"])
+def test_every_module_but_the_sparse_arch_goes_to_the_jobs_device(mode: str):
+    """The meta device stands in for a GPU: a module left behind (LONGER was) would make DDP refuse the
+    model on the first GPU run."""
+    model = RankingModel(SCHEMA, model_cfg(mode))
+    place_dense_modules(model, torch.device("meta"))
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        expected = "cpu" if name.startswith("sparse_arch.") else "meta"
+        assert t.device.type == expected, name
+    assert any(n.startswith("sequence_arch.") for n, _ in model.named_parameters()) == (mode == "longer")
