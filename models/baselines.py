@@ -35,7 +35,7 @@ from torchrec.modules.mlp import MLP
 
 from models.baseline_configs import AutoIntConfig, DCNv2Config, DLRMConfig, MMoEConfig, WukongConfig
 from models.dense_arch import DenseArch
-from models.heads import MultiTaskHead
+from models.heads import MultiTaskHead, full_precision
 from models.rankmixer import SemanticTokenizer
 
 
@@ -242,8 +242,9 @@ class MMoE(DenseArch):
         experts = F.relu(torch.baddbmm(self.b2, h, self.w2))  # (E, B, O)
         gates = torch.softmax(self.gates(x).view(-1, K, E), dim=-1)  # (B, K, E)
         mixed = self.dropout(torch.einsum("bke,ebo->kbo", gates, experts))  # (K, B, O)
-        t = self.dropout(F.relu(torch.baddbmm(self.tb1, mixed, self.t1)))  # (K, B, h)
-        return torch.baddbmm(self.tb2, t, self.t2).squeeze(-1).transpose(0, 1)  # (B, K)
+        with full_precision(mixed):  # the towers are MMoE's heads: fp32 logits (models/heads.py)
+            t = self.dropout(F.relu(torch.baddbmm(self.tb1, mixed.float(), self.t1)))  # (K, B, h)
+            return torch.baddbmm(self.tb2, t, self.t2).squeeze(-1).transpose(0, 1)  # (B, K)
 
     def flops_per_sample(self, active_ratio: float | None = None) -> float:
         c = self.cfg

@@ -12,6 +12,13 @@ import torch
 from torch import nn
 
 
+def full_precision(x: torch.Tensor) -> torch.autocast:
+    """A context that turns autocast off on `x`'s device: task heads run in fp32 whatever the body's
+    precision. A bf16 logit has 8 significant bits, ~128 distinct values per power of two, so millions of
+    scores tie in exact AUC / UAUC at the 1e-3 level models are compared at; the loss wants fp32 too."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class MultiTaskHead(nn.Module):
     """(B, in_dim) -> (B, num_tasks) logits; hidden = [] gives one linear layer per task. `dropout` is
     applied to the towers' input and to every hidden activation (training only)."""
@@ -40,8 +47,9 @@ class MultiTaskHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         # pooled: (B, in_dim); a loop over tasks (2-3 of them), not over tokens or samples
-        pooled = self.dropout(pooled)
-        return torch.cat([tower(pooled) for tower in self.towers], dim=-1)  # (B, num_tasks)
+        with full_precision(pooled):
+            pooled = self.dropout(pooled.float())
+            return torch.cat([tower(pooled) for tower in self.towers], dim=-1)  # (B, num_tasks) fp32
 
     def num_params(self) -> int:
         return self.num_params_for(self.in_dim, self.num_tasks, self.hidden)

@@ -92,3 +92,24 @@ def test_baseline_forward_is_fx_traceable_for_the_sparse_dist_pipeline(arch: str
     traced = torch.fx.symbolic_trace(_GroupsAsArgs(model))
     x = groups()
     torch.testing.assert_close(traced(*x), model(x))
+
+
+@pytest.mark.parametrize("arch", list(DENSE_ARCHS))
+def test_heads_stay_fp32_under_bf16_autocast_so_exact_auc_sees_no_extra_ties(arch: str):
+    """CPU bf16 autocast runs the GPU's code path. A bf16 logit has ~128 values per power of two: 4096
+    rows of bf16 logits would share a few hundred values and exact AUC would average over the ties."""
+    from data.metrics.auc import binary_auc
+
+    torch.manual_seed(0)
+    model = build_dense_arch(arch, GROUP_DIMS, num_tasks=2).eval()
+    x = groups(batch=4096)
+    labels = (torch.cat(x, -1)[:, :1] + 0.5 * torch.randn(4096, 1) > 0).float().squeeze(1)
+    with torch.no_grad():
+        fp32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(x)
+    assert mixed.dtype == torch.float32
+    distinct = [mixed[:, t].unique().numel() for t in range(2)]
+    assert min(distinct) > 0.95 * fp32[:, 0].unique().numel(), distinct
+    auc_fp32, auc_mixed = binary_auc(fp32[:, 0], labels), binary_auc(mixed[:, 0], labels)
+    assert abs(auc_mixed - auc_fp32) < 0.01, (auc_fp32, auc_mixed)
