@@ -33,8 +33,11 @@ from models.sparse_arch import SparseArch
 def pool_jagged(jt: JaggedTensor, pooling: str) -> torch.Tensor:
     """Sum / mean of each row of a (B rows, values (N, d)) jagged tensor -> (B, d); empty rows give 0."""
     lengths = jt.lengths()
-    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)  # (N,)
-    values = jt.values()
+    values = jt.values()  # (N, d)
+    # output_size: without it repeat_interleave reads the total length back from the device (a host sync)
+    rows = torch.arange(lengths.numel(), device=lengths.device).repeat_interleave(
+        lengths, output_size=values.shape[0]
+    )
     out = values.new_zeros(lengths.numel(), values.shape[1]).index_add(0, rows, values)  # (B, d)
     if pooling == "mean":
         out = out / lengths.clamp_min(1).unsqueeze(1).to(values.dtype)

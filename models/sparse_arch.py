@@ -23,6 +23,8 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
@@ -116,13 +118,30 @@ def mean_pool(pooled: KeyedTensor, features: KeyedJaggedTensor, mean_keys: tuple
     keys, batch = features.keys(), features.stride()
     lengths = features.lengths().view(len(keys), batch).clamp_min(1)  # (F, B), KJT key order
     table = torch.cat([lengths, lengths.new_ones(1, batch)])  # (F + 1, B); the last row divides sums by 1
-    row = {k: i for i, k in enumerate(keys)}
-    index = [row[k] if k in mean_keys else len(keys) for k in pooled.keys()]
     dims = pooled.length_per_key()
-    divisor = table[torch.tensor(index, device=table.device)].T  # (B, K), KeyedTensor key order
-    divisor = divisor.repeat_interleave(torch.tensor(dims, device=table.device), dim=1, output_size=sum(dims))
+    index, repeats = _mean_pool_indices(
+        tuple(keys), tuple(pooled.keys()), mean_keys, tuple(dims), table.device
+    )
+    divisor = table[index].T  # (B, K), KeyedTensor key order
+    divisor = divisor.repeat_interleave(repeats, dim=1, output_size=sum(dims))  # (B, sum of dims)
     values = pooled.values()  # (B, sum of dims)
     return KeyedTensor(keys=pooled.keys(), length_per_key=dims, values=values / divisor.to(values.dtype))
+
+
+@functools.cache
+def _mean_pool_indices(
+    keys: tuple[str, ...],
+    pooled_keys: tuple[str, ...],
+    mean_keys: tuple[str, ...],
+    dims: tuple[int, ...],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the lengths row dividing each pooled key, each key's width) as tensors on `device`, made once per
+    key order: a tensor built from a Python list every forward is a blocking host-to-device copy on a GPU.
+    Key orders are fixed once the model is sharded, so the cache holds one entry per collection."""
+    row = {k: i for i, k in enumerate(keys)}
+    index = [row[k] if k in mean_keys else len(keys) for k in pooled_keys]
+    return torch.tensor(index, device=device), torch.tensor(dims, device=device)
 
 
 def embedding_configs(schema: Schema, keys: list[str]) -> list[EmbeddingConfig]:
