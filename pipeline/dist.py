@@ -1,7 +1,8 @@
 """Process group and device from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR...).
 
-nccl with CUDA, gloo on CPU. A plain `python launch/train.py` (no torchrun) runs as a 1-rank group so the
-same code path (DistributedModelParallel, collectives) is exercised everywhere.
+nccl for CUDA tensors (plus gloo for CPU ones) with CUDA, gloo on CPU. A plain `python launch/train.py`
+(no torchrun) runs as a 1-rank group so the same code path (DistributedModelParallel, collectives) is
+exercised everywhere.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def shared_store_restarts() -> bool:
     return restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
+def backend_for(device: torch.device) -> str:
+    """The process group's backend for a job on `device`. On CUDA one group carries both: nccl for CUDA
+    tensors and gloo for CPU ones, so the CPU-side bookkeeping collectives (row counts, object broadcasts,
+    evaluation statistics) are legal on a GPU job, where NCCL alone refuses a CPU tensor."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed() -> DistInfo:
     """Initialise (or reuse) the default process group; returns this process's place in it."""
     if "RANK" not in os.environ:  # not under torchrun: a single-process group on loopback
@@ -65,13 +73,13 @@ def init_distributed() -> DistInfo:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    if torch.cuda.is_available():
-        device, backend = torch.device("cuda", local_rank), "nccl"
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    backend = backend_for(device)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # device_id binds the group to this rank's GPU up front (NCCL connects eagerly, no guessing)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, local_rank, world_size, local_world_size, device, backend)
 
 

@@ -174,3 +174,12 @@ def test_sharded_model_matches_unsharded_model_on_the_same_batch(
         assert torch.allclose(got[touched], expected[touched], atol=1e-4), table
         assert torch.equal(got[g == 0], before[table][g == 0]), table
         assert not math.isclose(float(got.sum()), float(before[table].sum()))
+
+
+def test_a_gpu_job_group_carries_cpu_tensors_through_gloo_and_cuda_ones_through_nccl():
+    """NCCL alone refuses CPU tensors, and the job's bookkeeping collectives (predict's row count, the
+    evaluation statistics, object broadcasts) use CPU tensors: a CUDA job's group has both backends."""
+    from pipeline.dist import backend_for
+
+    assert backend_for(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert backend_for(torch.device("cpu")) == "gloo"

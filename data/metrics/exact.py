@@ -33,7 +33,8 @@ def _distributed_world_size() -> int:
 
 
 def _collective_device() -> torch.device:
-    """Device the default backend can communicate from (NCCL needs CUDA tensors; gloo takes CPU)."""
+    """Device the default backend can communicate from: a pure NCCL group needs CUDA tensors; gloo, and the
+    pipeline's CUDA jobs' `cpu:gloo,cuda:nccl` group (pipeline/dist.py), take CPU ones."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
