@@ -154,8 +154,13 @@ def _train(
 
     def validate() -> None:
         meter.pause()  # validation time is not training time
-        pipeline.detach()  # plain forward for eval; the next progress() re-attaches the pipeline
+        pipeline.detach()  # plain forward for eval
         metrics = evaluate(dmp, valid_reader, info.device, tasks, cfg.trainer.eval_max_batches)
+        # Re-attach without restarting the in-flight batch's input dist (progress() would): its dist was
+        # already issued and waited on before this validation. A restart swaps in fresh module contexts
+        # whose splits nobody waits for, so the sharded EmbeddingCollection's output all-to-all runs with
+        # empty splits (gloo: in->size == out->size); pooled bags keep no splits and were unaffected.
+        pipeline.attach(sparse_dist=False)
         improved = stopper.update(
             pos.step, metric_value(metrics, cfg.trainer.early_stop.metric, tasks), metrics
         )

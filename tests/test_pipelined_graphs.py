@@ -172,23 +172,7 @@ def test_graph_changing_model_choice_trains_pipelined_on_two_ranks(runs: Runs, c
         assert all(a == 0 for a in aux), (combo.name, aux)
 
 
-LONGER_REATTACH_BUG = (
-    "known bug: with model.sequence=longer, the first step after a mid-epoch validation fails on gloo "
-    "(alltoall.cc: in->size == out->size) when the pipeline re-attaches around its in-flight batch "
-    "(the EmbeddingCollection's input dist); validation at an epoch end works"
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "combo",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=LONGER_REATTACH_BUG))
-        if c.sequence == "longer"
-        else c
-        for c in VALIDATED_COMBOS
-    ],
-    ids=lambda c: c.name,
-)
+@pytest.mark.parametrize("combo", VALIDATED_COMBOS, ids=lambda c: c.name)
 def test_training_continues_pipelined_after_a_mid_epoch_validation(runs: Runs, combo: Combo):
     assert_trained_pipelined(runs, combo)
