@@ -16,7 +16,9 @@ DATA_ROOT := datasets/$(DATA)
 WHEEL_DIR := datasets/.cache
 ML100K_WHEEL := $(WHEEL_DIR)/recbole-1.2.1-py3-none-any.whl
 ML100K_PIP := $(PY) -m pip download --disable-pip-version-check --no-deps recbole==1.2.1 -d $(WHEEL_DIR)
-NPROC ?= 2
+# one process per GPU on a GPU box; 2 CPU processes otherwise
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+NPROC ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
 ARGS ?=
 
 .PHONY: venv data train test test-fast lint bench clean

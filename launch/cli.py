@@ -17,8 +17,17 @@ from data.schema import SchemaError
 USER_ERRORS = (SchemaError, DataError, FileNotFoundError, ValueError)
 
 
-# What a rank sees when another rank died (its sockets closed): the dead rank already said why.
-PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+# What a rank sees when another rank died (gloo: its sockets closed; NCCL: the communicator was aborted or
+# the watchdog timed out on the dead peer's collective): the dead rank already said why.
+PEER_FAILURE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Connection refused",
+    "NCCL communicator was aborted",
+    "ncclRemoteError",
+    "Watchdog caught collective operation timeout",
+)
 
 
 def is_peer_failure(e: BaseException) -> bool:
