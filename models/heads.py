@@ -8,14 +8,20 @@ applies the sigmoid). Towers are separate modules rather than one wide matmul be
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 
-def full_precision(x: torch.Tensor) -> torch.autocast:
+def full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """A context that turns autocast off on `x`'s device: task heads run in fp32 whatever the body's
     precision. A bf16 logit has 8 significant bits, ~128 distinct values per power of two, so millions of
-    scores tie in exact AUC / UAUC at the 1e-3 level models are compared at; the loss wants fp32 too."""
+    scores tie in exact AUC / UAUC at the 1e-3 level models are compared at; the loss wants fp32 too.
+    Under TrainPipelineSparseDist's fx tracing (`x` a Proxy, no device) it is a no-op: the tracer only
+    reads the graph to find the input dists; the module's own forward is what runs."""
+    if isinstance(x, torch.fx.Proxy):
+        return contextlib.nullcontext()
     return torch.autocast(x.device.type, enabled=False)
 
 
