@@ -81,6 +81,16 @@ def test_report_columns_are_the_tasks_the_runs_were_tested_on():
     assert set(cell["stats"]) == {"like/auc", "like/uauc"}
     table = markdown_table(SweepConfig(name="t"), [cell])
     assert "like AUC" in table and "like UAUC" in table and "finish" not in table
+    # a sweep over two datasets: each row shows its own tasks, blank (not "failed") for the other's
+    other = {
+        "label": "b",
+        "runs": [{"test": {"finish/auc": 0.7, "finish/uauc": 0.6}}],
+        "params": 1,
+        "dense_flops": 1.0,
+    }
+    both = aggregate([cell, other])
+    rows = markdown_table(SweepConfig(name="t"), both).splitlines()[2:]
+    assert "failed" not in "\n".join(rows) and "0.8000" in rows[0] and "0.7000" in rows[1]
 
 
 def test_rereport_reuses_earlier_speeds_and_partial_reports_keep_them(

@@ -85,7 +85,8 @@ def _choose(cells: list[dict], select: str) -> None:
 
 def selection_table(cfg: SweepConfig, cells: list[dict]) -> str:
     """Validation metrics at each run's selected step (the early-stopping checkpoint), and the choice."""
-    metrics = list(cells[0]["valid_stats"]) if cells else [cfg.select]
+    # every cell's metrics, in order: a sweep over two datasets validates different tasks per group
+    metrics = list(dict.fromkeys(m for c in cells for m in c["valid_stats"])) if cells else [cfg.select]
     head = ["group", "cell", *[f"valid {m}" for m in metrics], "selected step / steps run", "stop", "chosen"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
@@ -95,7 +96,7 @@ def selection_table(cfg: SweepConfig, cells: list[dict]) -> str:
         if any(r.get("collapsed") for r in runs):
             stops += " (collapsed)"
         row = [_group(c), c["label"]]
-        row += [_fmt(c["valid_stats"].get(m)) for m in metrics]
+        row += [_fmt(c["valid_stats"][m]) if m in c["valid_stats"] else "" for m in metrics]
         row += [steps or "failed", stops, "**yes**" if c.get("chosen") else ""]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -129,7 +130,7 @@ def markdown_table(cfg: SweepConfig, cells: list[dict]) -> str:
         ]
         for metric in metrics:
             stat = c["stats"].get(metric)
-            row.append(_fmt(stat))
+            row.append(_fmt(stat) if stat is not None or not c["seeds_ok"] else "")  # "": not its task
             if ref is not None:
                 base = ref["stats"].get(metric)
                 ok = stat is not None and base is not None
