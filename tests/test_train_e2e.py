@@ -36,6 +36,9 @@ def train_cmd(dataset: Path, run_dir: Path, *overrides: str, nproc: int = 2) -> 
         "--nproc_per_node",
         str(nproc),
         "launch/train.py",
+        # the library defaults (a constant lr after warmup): an interruption is simulated by a smaller
+        # trainer.max_steps, which would move a cosine schedule's end (the built-in data's recipe has one)
+        "recipe=paper",
         f"data.root={dataset}",
         f"trainer.run_dir={run_dir}",
         "data.batch_size=256",
