@@ -6,8 +6,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt
-# The CUDA stack only when an NVIDIA GPU is really there; otherwise the CPU stack.
-STACK := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+# STACK=cpu|cuda: the torch / fbgemm-gpu builds of the venv (requirements/$(STACK).txt). Default: cuda when
+# nvidia-smi lists a GPU here, else cpu. Name it where the venv is built for other machines (an image built
+# on a CPU-only host for GPU nodes: `make venv STACK=cuda`). A venv of the other stack is rebuilt from
+# scratch: pip keeps an installed 2.13.0+cpu for `torch==2.13.0`, and both fbgemm wheels write fbgemm_gpu/.
+STACK ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+ifeq ($(filter cpu cuda,$(STACK)),)
+$(error STACK=$(STACK): must be cpu or cuda)
+endif
+# the stack the existing venv was built with (.stack; a venv from before .stack: its stamp's name)
+VENV_STACK := $(or $(shell cat $(VENV)/.stack 2>/dev/null),$(patsubst $(VENV)/.stamp-%,%,$(wildcard $(VENV)/.stamp-*)))
 STAMP := $(VENV)/.stamp-$(STACK)
 # DATA=synthetic (default): the generated dataset. DATA=ml100k: MovieLens-100K, converted (data/build/ml100k.py)
 # from the recbole==1.2.1 wheel, which is pip-downloaded into $(WHEEL_DIR) (no data is vendored here).
@@ -27,13 +35,16 @@ venv: $(STAMP)
 
 $(STAMP): requirements/common.txt requirements/$(STACK).txt requirements/torchrec.txt requirements/constraints.txt pyproject.toml
 	@echo "== setting up $(VENV) ($(STACK) stack)"
+	$(if $(filter-out $(STACK),$(VENV_STACK)),rm -rf $(VENV)  # built with the $(VENV_STACK) stack)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	echo $(STACK) > $(VENV)/.stack
 	$(PIP) -r requirements/$(STACK).txt
 	$(PIP) -r requirements/common.txt
 	@# CPU: torchrec's declared fbgemm-gpu (CUDA) must not be pulled in. CUDA: its deps are the pinned ones.
 	$(PIP) $(if $(filter cpu,$(STACK)),--no-deps,) -r requirements/torchrec.txt
 	$(PIP) --no-deps --no-build-isolation -e .
-	$(PY) -c "import torch, torchrec, fbgemm_gpu, torchmetrics, tensordict, hydra, pyarrow; print('torch', torch.__version__, 'torchrec', torchrec.__version__)"
+	$(PY) -c "import torchmetrics, tensordict, hydra, pyarrow"
+	$(PY) -m pipeline.stack --expect $(STACK)
 	rm -f $(VENV)/.stamp-* && touch $@
 
 datasets/synthetic/dataset.json: | $(STAMP)

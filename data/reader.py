@@ -78,6 +78,7 @@ class ParquetReader:
         split_keys: tuple[Sequence[str], Sequence[str]] | None = None,
         labels: bool = True,
         extra_columns: Sequence[str] = (),
+        pin_memory: bool = False,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -96,6 +97,9 @@ class ParquetReader:
         self.window = max(1, shuffle_buffer // batch_size) * batch_size if shuffle else batch_size
         self.files = _list_files(files_or_dir)
         self.labels = labels
+        # GPU jobs: batches in page-locked memory, so the pipeline's non_blocking copy to the device is
+        # asynchronous (from pageable memory CUDA stages it and the host waits); pinned by the prefetch thread
+        self.pin_memory = pin_memory
         self._decode = Decoder(schema, labels)
 
         pairs: list[_RowGroup] = []
@@ -147,6 +151,8 @@ class ParquetReader:
         start, self._resume_from = self._resume_from, 0
         self._yielded = start
         source = self._batches(self._epoch, start)
+        if self.pin_memory:
+            source = (b.pin_memory() for b in source)
         if self.prefetch <= 0:
             for b in source:
                 self._yielded += 1

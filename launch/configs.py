@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -55,6 +56,19 @@ def with_recipe(overrides: Sequence[str], config_dirs: Sequence[Path] = ()) -> l
     if any((d / "recipe" / f"{data}.yaml").is_file() for d in (CONF_DIR, *config_dirs)):
         return list(overrides)
     return [*overrides, "recipe=default"]
+
+
+def compose_train(overrides: Sequence[str]) -> Any:
+    """The train config (a typed DictConfig) launch/train.py would run with these overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import reject_unknown_keys
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="train", overrides=with_recipe(overrides))
+    reject_unknown_keys(cfg)
+    return cfg
 
 
 def compose_model(preset: str, overrides: Sequence[str] = ()) -> ModelConfig:

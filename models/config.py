@@ -34,6 +34,13 @@ class SequenceMode(Choice):
     longer = "longer"  # looked up unpooled and run through LONGER (models/longer.py)
 
 
+class TableDtype(Choice):
+    """How the embedding tables are stored and trained (FBGEMM's weights precision); lookups come out fp32."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"  # half the table memory, for tables that would not fit otherwise
+
+
 class ArchSpec(NamedTuple):
     config: str  # "module:Class" of its config dataclass
     arch: str  # "module:Class" of its DenseArch
@@ -81,10 +88,12 @@ class ModelConfig:
     sequence: SequenceMode = SequenceMode.mean_pool
     longer: LongerConfig = field(default_factory=LongerConfig)
     dense_proj_dim: int = 16  # width of each group's projection of its dense features (FeatureGroups)
+    table_dtype: TableDtype = TableDtype.fp32
     dense: Any = None  # the arch's config dataclass; None: its defaults
 
     def __post_init__(self) -> None:
         self.sequence = SequenceMode.parse(self.sequence, "model.sequence")
+        self.table_dtype = TableDtype.parse(self.table_dtype, "model.table_dtype")
 
     def dense_config(self, group_dims: list[int], num_tasks: int) -> Any:
         """The dense arch's typed config with the schema-derived fields set."""

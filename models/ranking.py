@@ -73,7 +73,9 @@ class RankingModel(nn.Module):
         super().__init__()
         dense_proj_dim = model_cfg.dense_proj_dim
         self.sequence_mode, longer_cfg = model_cfg.sequence, model_cfg.longer
-        self.sparse_arch = SparseArch(schema, self.sequence_mode, device=device)
+        self.sparse_arch = SparseArch(
+            schema, self.sequence_mode, device=device, table_dtype=model_cfg.table_dtype
+        )
         self.sequence_arch: Longer | None = None
         self.pooled_unpooled: list[tuple[str, str]] = []  # (feature, pooling) looked up unpooled, then pooled
         self.seq_features: list[str] = []  # the sequence arch's item features, side by side

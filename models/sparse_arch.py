@@ -27,13 +27,14 @@ import functools
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from data.schema import Schema, SchemaError
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+_DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}  # model.table_dtype
 
 
 def _table_pooling(schema: Schema, table: str, feature_names: list[str]) -> PoolingType:
@@ -88,9 +89,12 @@ def _tables_for(schema: Schema, keys: list[str]) -> list[tuple[str, dict, list[s
     return out
 
 
-def embedding_bag_configs(schema: Schema, keys: list[str] | None = None) -> list[EmbeddingBagConfig]:
-    """The TorchRec bag configs of a schema's features `keys` (default: all), in a stable (sorted) order.
-    Every table sums; `feature_poolings` says which features `mean_pool` turns into means."""
+def embedding_bag_configs(
+    schema: Schema, keys: list[str] | None = None, dtype: str = "fp32"
+) -> list[EmbeddingBagConfig]:
+    """The TorchRec bag configs of a schema's features `keys` (default: all), in a stable (sorted) order,
+    stored as `dtype` (fp32 | fp16). Every table sums; `feature_poolings` says which features `mean_pool`
+    turns into means."""
     return [
         EmbeddingBagConfig(
             name=table,
@@ -98,6 +102,7 @@ def embedding_bag_configs(schema: Schema, keys: list[str] | None = None) -> list
             embedding_dim=spec["embedding_dim"],
             feature_names=names,
             pooling=PoolingType.SUM,
+            data_type=_DATA_TYPES[dtype],
         )
         for table, spec, names in _tables_for(schema, list(schema.sparse_keys) if keys is None else keys)
     ]
@@ -144,8 +149,9 @@ def _mean_pool_indices(
     return torch.tensor(index, device=device), torch.tensor(dims, device=device)
 
 
-def embedding_configs(schema: Schema, keys: list[str]) -> list[EmbeddingConfig]:
-    """Unpooled table configs for the embedding collection; one embedding dim for all (TorchRec's rule)."""
+def embedding_configs(schema: Schema, keys: list[str], dtype: str = "fp32") -> list[EmbeddingConfig]:
+    """Unpooled table configs for the embedding collection, stored as `dtype`; one embedding dim for all
+    (TorchRec's rule)."""
     tables = _tables_for(schema, keys)
     dims = {table: spec["embedding_dim"] for table, spec, _ in tables}
     if len(set(dims.values())) > 1:
@@ -159,6 +165,7 @@ def embedding_configs(schema: Schema, keys: list[str]) -> list[EmbeddingConfig]:
             num_embeddings=spec["num_embeddings"],
             embedding_dim=spec["embedding_dim"],
             feature_names=names,
+            data_type=_DATA_TYPES[dtype],
         )  # fmt: skip
         for table, spec, names in tables
     ]
@@ -169,16 +176,24 @@ class SparseArch(nn.Module):
 
     `features` has the pooled keys, `unpooled` (sequence=longer only) the unpooled keys of `input_keys`."""
 
-    def __init__(self, schema: Schema, sequence: str = "mean_pool", device: torch.device | None = None):
+    def __init__(
+        self,
+        schema: Schema,
+        sequence: str = "mean_pool",
+        device: torch.device | None = None,
+        table_dtype: str = "fp32",
+    ):
         super().__init__()
         self.pooled_keys, self.unpooled_keys = input_keys(schema, sequence)
         self.poolings = feature_poolings(schema, self.pooled_keys)
         self.mean_keys = tuple(k for k, p in self.poolings.items() if p == "mean")  # fx takes no sets
         self.embedding_bag_collection = EmbeddingBagCollection(
-            tables=embedding_bag_configs(schema, self.pooled_keys), device=device
+            tables=embedding_bag_configs(schema, self.pooled_keys, table_dtype), device=device
         )
         self.embedding_collection = (
-            EmbeddingCollection(tables=embedding_configs(schema, self.unpooled_keys), device=device)
+            EmbeddingCollection(
+                tables=embedding_configs(schema, self.unpooled_keys, table_dtype), device=device
+            )
             if self.unpooled_keys
             else None
         )

@@ -57,6 +57,21 @@ class Autocast(Choice):
     off = "off"
 
 
+class Device(Choice):
+    """Where a job runs (pipeline/stack.py `resolve_device`)."""
+
+    auto = "auto"  # this rank's GPU when the stack can use one, else the CPU (warning if a GPU is there)
+    cuda = "cuda"  # this rank's GPU, or fail in one line naming what is missing (CUDA build, driver, GPU)
+    cpu = "cpu"
+
+
+class SparseOptimizer(Choice):
+    """FBGEMM's fused optimizer of the embedding tables."""
+
+    adagrad = "adagrad"  # exact Adagrad (the paper): one accumulator per element, table memory x2
+    rowwise_adagrad = "rowwise_adagrad"  # one accumulator per row (the mean of the row's squared grads)
+
+
 class Quantize(Choice):
     """How an exported artifact stores embedding rows (pipeline/predictor.py `quantize_rows`)."""
 
@@ -105,6 +120,7 @@ class ScoreDataConfig:
 class SparseOptimConfig:
     """Fused Adagrad on the embedding tables, applied inside the backward (TorchRec / FBGEMM)."""
 
+    type: SparseOptimizer = SparseOptimizer.adagrad
     lr: float = 0.1
     eps: float = 1e-8
     initial_accumulator_value: float = 0.0
@@ -148,6 +164,16 @@ class ShardingConfig:
     # table_row_wise, data_parallel. Per-table overrides: {table_name: [types]}.
     types: list[str] = field(default_factory=lambda: ["table_wise", "row_wise", "column_wise"])
     per_table: dict[str, list[str]] = field(default_factory=dict)
+    # Compute kernels the planner may choose from (TorchRec names): fused (the table in HBM, or host RAM on
+    # CPU), fused_uvm_caching (the table in host memory behind an HBM cache of `cache_load_factor` of its
+    # rows: tables larger than HBM), fused_uvm (host memory, no cache). Empty: fused only.
+    compute_kernels: list[str] = field(default_factory=list)
+    cache_load_factor: float = 0.2  # fused_uvm_caching: the share of a table's rows cached in HBM
+    # The memory the planner may fill per rank, GiB; None: the device's (HBM: the GPU's total memory; host
+    # RAM: the machine's divided by the ranks on it). Set them to plan for another topology
+    # (launch/plan.py) or to leave room for something else on the device.
+    hbm_gib: float | None = None
+    ddr_gib: float | None = None
 
 
 @dataclass
@@ -175,6 +201,7 @@ class TrainerConfig:
     keep_last: int = 2
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     resume: str = "none"  # none | auto (latest complete checkpoint under run_dir) | a checkpoint path
+    device: Device = Device.auto
     autocast: Autocast = Autocast.auto
     progress_bar: bool = True  # tqdm on rank 0, only when stderr is a TTY
     final_eval: bool = True  # evaluate data.split after training and write metrics.json
@@ -197,6 +224,7 @@ class EvalConfig:
     checkpoint: str = "???"  # a checkpoint dir (run_dir/checkpoints/step_N) or a run dir (its latest)
     data: ScoreDataConfig = field(default_factory=ScoreDataConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    device: Device = Device.auto
     output: str | None = None  # where metrics.json goes; None: <checkpoint>/eval_<split>/
     save_predictions: bool = False
     max_batches: int = -1
@@ -210,6 +238,7 @@ class PredictConfig:
     out: str = "???"  # the output directory of Parquet parts (written atomically)
     data: ScoreDataConfig = field(default_factory=ScoreDataConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    device: Device = Device.auto
     passthrough: list[str] = field(default_factory=list)  # input columns copied next to the scores
     overwrite: bool = False  # replace an existing `out`
 

@@ -15,6 +15,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.config import Device
+from pipeline.stack import current_stack, describe_device, resolve_device
+
 # torchrun's restart recipe; see shared_store_restarts
 RESTART_RECIPE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --rdzv-backend c10d --max-restarts N"
 
@@ -59,8 +62,9 @@ def backend_for(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-def init_distributed() -> DistInfo:
-    """Initialise (or reuse) the default process group; returns this process's place in it."""
+def init_distributed(device: Device | str = Device.auto, key: str = "trainer.device") -> DistInfo:
+    """Initialise (or reuse) the default process group on `device` (auto | cuda | cpu, the config's `key`:
+    pipeline/stack.py `resolve_device`); returns this process's place in it."""
     if "RANK" not in os.environ:  # not under torchrun: a single-process group on loopback
         os.environ.update(
             RANK="0",
@@ -73,7 +77,7 @@ def init_distributed() -> DistInfo:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = resolve_device(device, local_rank, key)  # before any collective: a bad choice fails alone
     backend = backend_for(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -81,6 +85,14 @@ def init_distributed() -> DistInfo:
         # device_id binds the group to this rank's GPU up front (NCCL connects eagerly, no guessing)
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, local_rank, world_size, local_world_size, device, backend)
+
+
+def describe_job(info: DistInfo) -> str:
+    """The start-of-job line: device, backend, world, and the software stack."""
+    return (
+        f"device {describe_device(info.device)}, backend {info.backend}, world size {info.world_size} "
+        f"({info.local_world_size} per node); {current_stack()}"
+    )
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

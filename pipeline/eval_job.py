@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    info, checkpoint, run_cfg, schema = open_checkpoint_job(cfg.checkpoint)
+    info, checkpoint, run_cfg, schema = open_checkpoint_job(cfg.checkpoint, cfg.device)
     # Model and schema as trained; where the data lives and which split come from this job's config.
     run_cfg.data = cfg.data.over(run_cfg.data)
     run_cfg.sharding = cfg.sharding

@@ -8,6 +8,7 @@ are marked for fused Adagrad, then `DistributedModelParallel` shards the tables 
 
 from __future__ import annotations
 
+import logging
 import random
 from datetime import datetime
 from pathlib import Path
@@ -23,11 +24,13 @@ from models.dense_arch import DenseArch
 from models.ranking import RankingModel, RankingTrainWrapper
 from models.sparse_arch import input_keys
 from pipeline.checkpoint import load_run_config, resolve_checkpoint
-from pipeline.config import Autocast, TrainConfig
-from pipeline.dist import DistInfo, broadcast_object, init_distributed
+from pipeline.config import Autocast, Device, TrainConfig
+from pipeline.dist import DistInfo, broadcast_object, describe_job, init_distributed
 from pipeline.optim import build_optimizer, fuse_sparse_optimizer, set_initial_accumulator
 from pipeline.run_log import setup_logging
 from pipeline.sharding import shard_model, table_names
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -67,6 +70,7 @@ def make_reader(cfg: TrainConfig, schema: Schema, info: DistInfo, split: str, tr
         policy="drop_last" if train else "pad",
         prefetch=d.prefetch,
         split_keys=input_keys(schema, cfg.model.sequence),  # bag / embedding collection KJTs
+        pin_memory=info.device.type == "cuda",
     )
 
 
@@ -122,11 +126,15 @@ def lr_scales_by_param(model: RankingModel | DenseArch) -> dict[int, float]:
     return {id(model.get_parameter(name)): scale for name, scale in model.lr_scales().items()}
 
 
-def open_checkpoint_job(checkpoint_arg: str) -> tuple[DistInfo, Path, TrainConfig, Schema]:
-    """The start of a job that scores with a checkpoint (eval, predict): process group and logging, the
-    checkpoint (a run dir: its selected one), its training config and schema, the run's seed."""
-    info = init_distributed()
+def open_checkpoint_job(
+    checkpoint_arg: str, device: Device = Device.auto
+) -> tuple[DistInfo, Path, TrainConfig, Schema]:
+    """The start of a job that scores with a checkpoint (eval, predict) on `device`: process group and
+    logging, the checkpoint (a run dir: its selected one), its training config and schema, the run's seed."""
+    info = init_distributed(device, key="device")
     setup_logging(info.rank)
+    if info.is_main:
+        log.info("%s", describe_job(info))
     checkpoint = resolve_checkpoint(checkpoint_arg)
     run_cfg = load_run_config(checkpoint)
     seed_everything(run_cfg.trainer.seed)

@@ -1,6 +1,6 @@
-"""Hybrid optimisation (paper s4.1, DESIGN s4): embedding tables on Adagrad fused into the backward by
-TorchRec/FBGEMM; dense parameters (DDP-replicated) on RMSProp with linear warmup, then a constant, cosine or
-step schedule, and global-norm clipping.
+"""Hybrid optimisation (paper s4.1, DESIGN s4): embedding tables on (exact or row-wise) Adagrad fused into
+the backward by TorchRec/FBGEMM; dense parameters (DDP-replicated) on RMSProp with linear warmup, then a
+constant, cosine or step schedule, and global-norm clipping.
 Both live behind one `CombinedOptimizer`, whose `state_dict()` is what the checkpoint saves -- the fused
 Adagrad state included, so a resume does not silently restart Adagrad.
 """
@@ -16,17 +16,41 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.clipping import GradientClipping, GradientClippingOptimizer
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from torchrec.optim.warmup import WarmupOptimizer
 
-from pipeline.config import DenseOptimConfig, DenseOptimizer, LrSchedule, SparseOptimConfig
+from pipeline.config import (
+    DenseOptimConfig,
+    DenseOptimizer,
+    LrSchedule,
+    SparseOptimConfig,
+    SparseOptimizer,
+)
 
 
 def fuse_sparse_optimizer(sparse_module: nn.Module, cfg: SparseOptimConfig) -> None:
-    """Mark the embedding tables for Adagrad-in-backward; the sharder turns this into FBGEMM's fused kernel.
-    Call before `DistributedModelParallel`."""
-    apply_optimizer_in_backward(
-        torch.optim.Adagrad, sparse_module.parameters(), {"lr": cfg.lr, "eps": cfg.eps}
-    )
+    """Mark the embedding tables for `optim.sparse.type` in the backward; the sharder turns this into
+    FBGEMM's fused kernel (exact Adagrad: EXACT_ADAGRAD, row-wise: EXACT_ROWWISE_ADAGRAD). Call before
+    `DistributedModelParallel`."""
+    kind = SparseOptimizer.parse(cfg.type, "optim.sparse.type")
+    optimizer_class = RowWiseAdagrad if kind == SparseOptimizer.rowwise_adagrad else torch.optim.Adagrad
+    apply_optimizer_in_backward(optimizer_class, sparse_module.parameters(), {"lr": cfg.lr, "eps": cfg.eps})
+
+
+def sparse_state_bytes(dmp: DistributedModelParallel) -> int:
+    """Bytes of the fused sparse optimizer's state on this rank (exact Adagrad: one value per table
+    element; row-wise: one per row)."""
+    return sum(t.numel() * t.element_size() for t in _sparse_state_tensors(dmp))
+
+
+def _sparse_state_tensors(dmp: DistributedModelParallel) -> list[torch.Tensor]:
+    """This rank's local tensors of the fused sparse optimizer's state (sharded tensors: their shards)."""
+    tensors = []
+    for state in dmp.fused_optimizer.state.values():
+        for tensor in state.values():
+            local = tensor.local_shards() if hasattr(tensor, "local_shards") else None
+            tensors += [s.tensor for s in local] if local is not None else [tensor]
+    return tensors
 
 
 def set_initial_accumulator(dmp: DistributedModelParallel, value: float) -> None:
@@ -34,11 +58,8 @@ def set_initial_accumulator(dmp: DistributedModelParallel, value: float) -> None
     before training; a resume overwrites it with the saved state)."""
     if value == 0.0:
         return
-    for state in dmp.fused_optimizer.state.values():
-        for tensor in state.values():
-            local = tensor.local_shards() if hasattr(tensor, "local_shards") else None
-            for t in [s.tensor for s in local] if local is not None else [tensor]:
-                t.fill_(value)
+    for t in _sparse_state_tensors(dmp):
+        t.fill_(value)
 
 
 def _dense_optimizer_factory(cfg: DenseOptimConfig, scale_of: dict[int, float]):  # noqa: ANN202

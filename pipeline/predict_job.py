@@ -131,7 +131,7 @@ def _temp_dir(out: Path, is_main: bool) -> Path:
 
 
 def run_predict(cfg: PredictConfig) -> dict[str, Any]:
-    info, checkpoint, run_cfg, schema = open_checkpoint_job(cfg.checkpoint)
+    info, checkpoint, run_cfg, schema = open_checkpoint_job(cfg.checkpoint, cfg.device)
     data = cfg.data.over(run_cfg.data)
     passthrough = check_output(cfg, schema)
     # Every input is checked before the model is built: columns and types of every file (metadata only).

@@ -8,16 +8,21 @@ builds it on the meta device and hands it here.
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
-from torchrec.distributed.planner.types import KernelConfig, PlannerError, TopologyFactory
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.types import KernelConfig, PlannerError, Topology, TopologyFactory
 from torchrec.distributed.planner.types import TrainerConfig as PlannerTrainerConfig
 from torchrec.distributed.sharding_plan import get_default_sharders
-from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.distributed.types import CacheParams, ShardingPlan, ShardingType
 
 from models.dense_arch import DenseArch
 from models.ranking import RankingModel
@@ -37,13 +42,31 @@ def _check_types(where: str, types: list[str]) -> list[str]:
     return list(types)
 
 
+_KERNELS = {k.value for k in EmbeddingComputeKernel}
+
+
+def compute_kernels(cfg: ShardingConfig) -> list[str]:
+    """`sharding.compute_kernels`, checked; default fused: the table in HBM (host RAM on CPU), its optimizer
+    in the backward. TorchRec would also consider its non-fused `dense` kernel, which skips the fused
+    optimizer this job relies on."""
+    kernels = list(cfg.compute_kernels) or [EmbeddingComputeKernel.FUSED.value]
+    bad = [k for k in kernels if k not in _KERNELS]
+    if bad:
+        raise ValueError(f"sharding.compute_kernels: unknown kernel(s) {bad} (known: {sorted(_KERNELS)})")
+    return kernels
+
+
 def planner_constraints(
     cfg: ShardingConfig, table_names: list[str], device_type: str
 ) -> dict[str, ParameterConstraints]:
-    """Per-table `ParameterConstraints` from `sharding.types` and `sharding.per_table`.
+    """Per-table `ParameterConstraints` from `sharding.types`, `sharding.per_table` and the kernels.
 
     On CPU, row_wise is used only for the tables `sharding.per_table` names it for: offered everywhere,
     TorchRec's CPU cost model puts every table row-wise, a plan nobody has tuned on CPU."""
+    kernels = compute_kernels(cfg)
+    caching = EmbeddingComputeKernel.FUSED_UVM_CACHING.value in kernels
+    if caching and not 0.0 < cfg.cache_load_factor <= 1.0:
+        raise ValueError(f"sharding.cache_load_factor={cfg.cache_load_factor}: must be in (0, 1]")
     default = _check_types("sharding.types", list(cfg.types))
     if device_type == "cpu":
         default = [t for t in default if t != ShardingType.ROW_WISE.value] or default
@@ -54,10 +77,45 @@ def planner_constraints(
         name: ParameterConstraints(
             sharding_types=_check_types(f"sharding.per_table.{name}", list(cfg.per_table[name]))
             if name in cfg.per_table
-            else default
+            else default,
+            compute_kernels=kernels,
+            cache_params=CacheParams(load_factor=cfg.cache_load_factor) if caching else None,
         )
         for name in table_names
     }
+
+
+def topology(cfg: ShardingConfig, info: DistInfo) -> Topology:
+    """The planner's view of the job's hardware: world, device type, and the memory per rank it may fill
+    (`sharding.hbm_gib` / `ddr_gib`, else on CUDA the GPU's total memory and the host's RAM over its ranks).
+    TorchRec's planner otherwise assumes 32 GiB of HBM and 128 GiB of host RAM per rank.
+
+    A CPU job keeps TorchRec's host-RAM default unless `ddr_gib` is set: its tables share that RAM with
+    everything else on the host, and where plans cost the same (a table_wise table vs. its single
+    column_wise shard) the planner's pick flips with the cap (16 GiB: table_wise, 24: column_wise, 32:
+    table_wise, on the built-in tables), so the machine's RAM would move the plan of `make train`."""
+    hbm = cfg.hbm_gib * 2**30 if cfg.hbm_gib is not None else device_memory_bytes(info.device)
+    ddr = cfg.ddr_gib * 2**30 if cfg.ddr_gib is not None else None
+    if ddr is None and info.device.type == "cuda":
+        ddr = host_memory_bytes() // info.local_world_size
+    return TopologyFactory.create_topology(
+        PlannerTrainerConfig(
+            world_size=info.world_size,
+            local_world_size=info.local_world_size,
+            hbm_cap_bytes=int(hbm) if hbm else None,
+            ddr_cap_bytes=int(ddr) if ddr else None,
+        ),
+        kernel_config=KernelConfig(compute_device=info.device.type),
+    )
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """The total memory of a CUDA device; None elsewhere (the planner places CPU tables in host RAM)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class RowWiseOnCPUEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
@@ -73,6 +131,41 @@ class RowWiseOnCPUEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         types = super().sharding_types(compute_device_type)
         row_wise = ShardingType.ROW_WISE.value
         return types + [row_wise] if compute_device_type == "cpu" and row_wise not in types else types
+
+
+class OrderedEnumerator(EmbeddingEnumerator):
+    """TorchRec's enumerator, offering a table's sharding types and kernels in the config's order.
+
+    TorchRec 1.8 intersects the constraint's types with the sharder's as Python sets, so their order, and
+    with it the planner's pick among plans of equal cost (a table_wise table vs. its single column_wise
+    shard), follows the process's string-hash seed: `python launch/plan.py --world-size 2 --device cpu`
+    printed 22 column_wise tables in one run and 0 in the next. Here the first type listed in
+    `sharding.types` (or per_table) wins a tie, every run."""
+
+    def _filter_sharding_types(self, name: str, allowed_sharding_types: list[str], *args: Any) -> list[str]:
+        kept = set(super()._filter_sharding_types(name, allowed_sharding_types, *args))
+        constraint = (self._constraints or {}).get(name)
+        order = (constraint.sharding_types if constraint else None) or allowed_sharding_types
+        return [t for t in dict.fromkeys([*order, *allowed_sharding_types]) if t in kept]
+
+    def _filter_compute_kernels(self, name: str, allowed_compute_kernels: list[str], *args: Any) -> list[str]:
+        kept = set(super()._filter_compute_kernels(name, allowed_compute_kernels, *args))
+        constraint = (self._constraints or {}).get(name)
+        order = (constraint.compute_kernels if constraint else None) or allowed_compute_kernels
+        return [k for k in dict.fromkeys([*order, *allowed_compute_kernels]) if k in kept]
+
+
+def make_planner(cfg: ShardingConfig, info: DistInfo, table_names: list[str], batch_size: int) -> Any:
+    """TorchRec's planner for this job's tables on its topology (`topology`), within the config's
+    constraints (`planner_constraints`), deterministic (`OrderedEnumerator`)."""
+    topo = topology(cfg, info)
+    constraints = planner_constraints(cfg, table_names, info.device.type)
+    return EmbeddingShardingPlanner(
+        topology=topo,
+        batch_size=batch_size,
+        constraints=constraints,
+        enumerator=OrderedEnumerator(topology=topo, batch_size=batch_size, constraints=constraints),
+    )
 
 
 def sharders() -> list:
@@ -109,18 +202,14 @@ def shard_model(
     model: nn.Module, schema_tables: list[str], cfg: ShardingConfig, info: DistInfo, batch_size: int
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Plan (rank 0 plans, all ranks receive it) and shard `model` (built on the meta device)."""
-    topology = TopologyFactory.create_topology(
-        PlannerTrainerConfig(world_size=info.world_size, local_world_size=info.local_world_size),
-        kernel_config=KernelConfig(compute_device=info.device.type),
-    )
-    constraints = planner_constraints(cfg, schema_tables, info.device.type)
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+    planner = make_planner(cfg, info, schema_tables, batch_size)
     model_sharders = sharders()
     try:
         plan = planner.collective_plan(model, model_sharders, dist.GroupMember.WORLD)
     except (PlannerError, RuntimeError) as e:  # e.g. a table too large for any allowed sharding type
-        raise ValueError(f"sharding: no plan for sharding.types={cfg.types} per_table={cfg.per_table} on "
-                         f"{info.device.type}: {str(e).strip().splitlines()[0]}") from None  # fmt: skip
+        raise ValueError(f"sharding: no plan for sharding.types={cfg.types} per_table={cfg.per_table} "
+                         f"compute_kernels={compute_kernels(cfg)} on {info.device.type}: "
+                         f"{str(e).strip().splitlines()[0]}") from None  # fmt: skip
     if info.is_main:
         log.info("sharding plan (world size %d):\n%s", info.world_size, plan_table(plan))
     dmp = DistributedModelParallel(module=model, device=info.device, plan=plan, sharders=model_sharders)

@@ -39,6 +39,7 @@ from pipeline.dist import (
     RESTART_RECIPE,
     DistInfo,
     broadcast_object,
+    describe_job,
     init_distributed,
     shared_store_restarts,
 )
@@ -47,6 +48,7 @@ from pipeline.evaluate import evaluate, evaluate_inference_modes
 from pipeline.files import write_json_atomic
 from pipeline.job import build_model, make_reader, resolve_run_dir, seed_everything
 from pipeline.meter import TrainMeter
+from pipeline.optim import sparse_state_bytes
 from pipeline.profiler import StepProfiler
 from pipeline.run_log import RunLog, setup_logging
 from pipeline.sharding import dense_arch
@@ -66,8 +68,10 @@ class Position:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, validate, checkpoint and (optionally) evaluate the test split; returns the final metrics."""
     # ---- the job: process group, data, run dir, sharded model + optimizer ----------------------------
-    info = init_distributed()
+    info = init_distributed(cfg.trainer.device)
     setup_logging(info.rank)
+    if info.is_main:
+        log.info("%s", describe_job(info))
     if info.is_main and shared_store_restarts():
         log.warning(
             "torchrun may restart this group on the previous group's rendezvous store, where a restarted "
@@ -106,9 +110,7 @@ def _train(
     tasks = list(schema.labels)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if info.is_main:
-        log.info(
-            "run dir: %s (world size %d, %s, backend %s)", run_dir, info.world_size, info.device, info.backend
-        )
+        log.info("run dir: %s", run_dir)
     steps_per_epoch = len(train_reader)
     total_steps = steps_per_epoch * cfg.trainer.epochs
     if cfg.trainer.max_steps >= 0:
@@ -116,8 +118,17 @@ def _train(
     dmp, optimizer = build_model(cfg, schema, info, total_steps)
     arch = dense_arch(dmp)
     dense_params = sum(p.numel() for _, p in in_backward_optimizer_filter(dmp.named_parameters()))
+    sparse_state = torch.tensor([sparse_state_bytes(dmp)], dtype=torch.float64)
+    torch.distributed.all_reduce(sparse_state)  # CPU: the group's gloo side carries it on a GPU job too
+    sparse_state_total = int(sparse_state.item())
     if info.is_main:
-        log.info("dense params: %d; train batches/epoch/rank: %d", dense_params, steps_per_epoch)
+        log.info(
+            "dense params: %d; sparse optimizer state (%s): %.1f MiB on all ranks; batches/epoch/rank: %d",
+            dense_params,
+            cfg.optim.sparse.type,
+            sparse_state_total / 2**20,
+            steps_per_epoch,
+        )
 
     # ---- resume (checked against this config before the run dir's config.yaml is rewritten) -----------
     stopper = EarlyStopping(cfg.trainer.early_stop)
@@ -237,6 +248,7 @@ def _train(
         "run_dir": str(run_dir),
         "world_size": info.world_size,
         "dense_params": dense_params,
+        "sparse_optimizer_state_bytes": sparse_state_total,
         "train_samples_per_s": meter.train_steps * cfg.data.batch_size * info.world_size / meter.train_seconds
         if meter.train_seconds
         else None,

@@ -45,17 +45,9 @@ def _slug(label: str) -> str:
 
 def compose(overrides: list[str]) -> Any:
     """The train config launch/train.py would run with these overrides (typed, validated)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from launch.configs import compose_train
 
-    from launch.configs import register_configs, with_recipe
-    from pipeline.config import reject_unknown_keys
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
-        cfg = hydra_compose(config_name="train", overrides=with_recipe(overrides))
-    reject_unknown_keys(cfg)
-    return cfg
+    return compose_train(overrides)
 
 
 def build_dense_arch_for(cfg: Any, device: str = "meta") -> torch.nn.Module:
