@@ -207,6 +207,8 @@ class TrainerConfig:
     final_eval: bool = True  # evaluate data.split after training and write metrics.json
     # [start, end): profile these steps with torch.profiler on rank 0 -> <run_dir>/profile/ (chrome trace)
     profile_steps: list[int] = field(default_factory=list)
+    # [start, end): CUDA host syncs in these steps raise (pipeline/profiler.py SyncDebugWindow)
+    sync_debug_steps: list[int] = field(default_factory=list)
     save_predictions: bool = False
 
 

@@ -1,4 +1,5 @@
-"""`StepProfiler`: torch.profiler over a window of training steps on one rank."""
+"""Instruments over a window of training steps: `StepProfiler` (torch.profiler on one rank) and
+`SyncDebugWindow` (CUDA host syncs raise)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,37 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def step_window(key: str, steps: list[int]) -> list[int]:
+    if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
+        raise ValueError(f"{key}: expected [start, end), 0 <= start < end; got {steps}")
+    return list(steps)
+
+
+class SyncDebugWindow:
+    """`torch.cuda.set_sync_debug_mode("error")` over the steps [start, end): a host sync there (`.item()`,
+    a tensor built from a Python list, a copy to pageable memory) raises, naming the op, instead of
+    silently stalling the GPU's queue. CUDA only; keep log and checkpoint steps (which sync on purpose)
+    outside the window."""
+
+    def __init__(self, steps: list[int], device: torch.device) -> None:
+        self.window = step_window("trainer.sync_debug_steps", steps) if device.type == "cuda" else []
+
+    def before_step(self, step: int) -> None:
+        if self.window and step == self.window[0]:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def after_step(self, step: int) -> None:
+        if self.window and step + 1 == self.window[1]:
+            torch.cuda.set_sync_debug_mode("default")
+            log.info("no host sync in training steps %s (torch.cuda sync debug mode: error)", self.window)
+
+
 class StepProfiler:
     """torch.profiler over the steps [start, end) on one rank: a chrome trace and a top-ops table, to see
     where a training step's time goes (input dist, embedding lookups, dense compute, DDP, optimizer)."""
 
     def __init__(self, steps: list[int], out_dir: Path, enabled: bool) -> None:
-        if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
-            raise ValueError(f"trainer.profile_steps: expected [start, end), 0 <= start < end; got {steps}")
-        self.window = steps if enabled else []
+        self.window = step_window("trainer.profile_steps", steps) if enabled else []
         self.out_dir = out_dir
         self.prof: torch.profiler.profile | None = None
 

@@ -47,8 +47,8 @@ _KERNELS = {k.value for k in EmbeddingComputeKernel}
 
 def compute_kernels(cfg: ShardingConfig) -> list[str]:
     """`sharding.compute_kernels`, checked; default fused: the table in HBM (host RAM on CPU), its optimizer
-    in the backward. TorchRec would also consider its non-fused `dense` kernel, which skips the fused
-    optimizer this job relies on."""
+    in the backward (plus `dense` for data_parallel tables, their only kernel). TorchRec would otherwise
+    also weigh its non-fused `dense` kernel for sharded tables."""
     kernels = list(cfg.compute_kernels) or [EmbeddingComputeKernel.FUSED.value]
     bad = [k for k in kernels if k not in _KERNELS]
     if bad:
@@ -73,12 +73,18 @@ def planner_constraints(
     unknown = sorted(set(cfg.per_table) - set(table_names))
     if unknown:
         raise ValueError(f"sharding.per_table: unknown table(s) {unknown} (tables: {sorted(table_names)})")
+    types = {
+        name: _check_types(f"sharding.per_table.{name}", list(cfg.per_table[name]))
+        if name in cfg.per_table
+        else default
+        for name in table_names
+    }
+    dp = ShardingType.DATA_PARALLEL.value
     return {
         name: ParameterConstraints(
-            sharding_types=_check_types(f"sharding.per_table.{name}", list(cfg.per_table[name]))
-            if name in cfg.per_table
-            else default,
-            compute_kernels=kernels,
+            sharding_types=types[name],
+            # a data_parallel table is a replicated dense parameter: TorchRec's dense kernel only
+            compute_kernels=kernels + ["dense"] if dp in types[name] and not cfg.compute_kernels else kernels,
             cache_params=CacheParams(load_factor=cfg.cache_load_factor) if caching else None,
         )
         for name in table_names
@@ -212,6 +218,15 @@ def shard_model(
                          f"{str(e).strip().splitlines()[0]}") from None  # fmt: skip
     if info.is_main:
         log.info("sharding plan (world size %d):\n%s", info.world_size, plan_table(plan))
+        replicated = sorted(
+            table
+            for module_plan in plan.plan.values()
+            for table, ps in module_plan.items()  # type: ignore[union-attr]
+            if ps.sharding_type == ShardingType.DATA_PARALLEL.value
+        )
+        if replicated:  # TorchRec's data_parallel tables take no fused optimizer: DDP and the dense one
+            log.warning("data_parallel tables %s train with the dense optimizer (optim.dense), not "
+                        "optim.sparse", replicated)  # fmt: skip
     dmp = DistributedModelParallel(module=model, device=info.device, plan=plan, sharders=model_sharders)
     return dmp, plan
 

@@ -49,7 +49,7 @@ from pipeline.files import write_json_atomic
 from pipeline.job import build_model, make_reader, resolve_run_dir, seed_everything
 from pipeline.meter import TrainMeter
 from pipeline.optim import sparse_state_bytes
-from pipeline.profiler import StepProfiler
+from pipeline.profiler import StepProfiler, SyncDebugWindow
 from pipeline.run_log import RunLog, setup_logging
 from pipeline.sharding import dense_arch
 
@@ -187,6 +187,7 @@ def _train(
     show_bar = info.is_main and cfg.trainer.progress_bar and sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=pos.step, disable=not show_bar, desc="train")
     profiler = StepProfiler(cfg.trainer.profile_steps, run_dir / "profile", enabled=info.is_main)
+    sync_debug = SyncDebugWindow(cfg.trainer.sync_debug_steps, info.device)
     dmp.train()
     while pos.step < total_steps and pos.epoch < cfg.trainer.epochs and not stopper.should_stop:
         train_reader.set_epoch(pos.epoch)
@@ -195,10 +196,12 @@ def _train(
         batches = iter(train_reader)
         while pos.step < total_steps and not stopper.should_stop:
             profiler.before_step(pos.step)
+            sync_debug.before_step(pos.step)
             try:
                 out = pipeline.progress(batches)
             except StopIteration:
                 break
+            sync_debug.after_step(pos.step)
             profiler.after_step(pos.step)
             pos.step += 1
             pos.step_in_epoch += 1
