@@ -45,7 +45,7 @@ class Mode:
     @staticmethod
     def of(name: str) -> Mode:
         if name == "cpu":
-            return Mode("cpu", "cpu", "gloo", 2, 60_000, 512, 60, 6, "off")
+            return Mode("cpu", "cpu", "gloo", 2, 60_000, 512, 60, 20, "off")
         gpus = torch.cuda.device_count()
         # NCCL takes one rank per GPU: a 1-GPU box checks every step on one rank
         return Mode(name, "cuda", "cpu:gloo,cuda:nccl", max(1, min(gpus, 2)), 400_000, 1024, 200, 50, "bf16")
@@ -217,9 +217,10 @@ def step_sharding(mode: Mode, out: Path) -> str:
 
 
 def step_resume(mode: Mode, out: Path) -> str:
-    """Cut the table_wise comparison run in half and resume it: the same losses and test metrics."""
+    """Cut the table_wise comparison run in half (at a log step) and resume it: the same train losses at
+    every log step after the cut, and the same test metrics."""
     start = checkpoint_of(out / "train", mode.train_steps)
-    half = mode.train_steps + mode.compare_steps // 2
+    half = mode.train_steps + mode.compare_steps // 20 * 10  # log_every 10: windows after it align
     end = mode.train_steps + mode.compare_steps
     run_dir = out / "resumed"
     base = train_overrides(mode, out, run_dir.name, "trainer.autocast=off", *SHARDINGS["table_wise"])
@@ -231,8 +232,15 @@ def step_resume(mode: Mode, out: Path) -> str:
     # cut moves)
     keys = [k for k in whole["test"] if k.endswith(("/auc", "/uauc", "/logloss"))]
     diffs = [abs(whole["test"][k] - resumed["test"][k]) for k in keys]
+    whole_losses, resumed_losses = train_losses(out / "shard_table_wise"), train_losses(run_dir)
+    after = [s for s in whole_losses if s > half]
+    check(after and all(s in resumed_losses for s in after), f"resumed run logged {sorted(resumed_losses)}")
+    diffs += [abs(whole_losses[s] - resumed_losses[s]) for s in after]
     check(max(diffs) <= 1e-6, f"resumed run differs from the uninterrupted one by {max(diffs):.2e}")
-    return f"steps {mode.train_steps}->{half}, resumed ->{end}: max |diff| {max(diffs):.1e} vs uninterrupted"
+    return (
+        f"steps {mode.train_steps}->{half}, resumed ->{end}: max |diff| {max(diffs):.1e} vs uninterrupted "
+        f"over the losses of steps {after} and {len(keys)} test metrics"
+    )
 
 
 def step_eval(mode: Mode, out: Path) -> str:
