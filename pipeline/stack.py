@@ -29,7 +29,7 @@ class Stack:
     torch: str
     torch_cuda: str | None  # the CUDA version torch was built with; None: a CPU build
     fbgemm_gpu: str
-    fbgemm_variant: str  # "cuda" or "cpu" (fbgemm_gpu.__variant__)
+    fbgemm_variant: str  # "cuda" (the fbgemm-gpu wheel), "cpu" (fbgemm-gpu-cpu), "both" or "none"
     torchrec: str
 
     @property
@@ -47,14 +47,25 @@ class Stack:
 
 
 def current_stack() -> Stack:
-    import fbgemm_gpu
-
+    """The installed builds, read from the packages' metadata: importing the CUDA fbgemm_gpu loads its
+    libraries, which fails on a host without a driver, where a CUDA image is often built."""
+    fbgemm = {}
+    for dist, variant in (("fbgemm-gpu", "cuda"), ("fbgemm-gpu-cpu", "cpu")):
+        try:
+            fbgemm[variant] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    variant = next(iter(fbgemm)) if len(fbgemm) == 1 else ("both" if fbgemm else "none")
+    try:
+        torchrec = metadata.version("torchrec")
+    except metadata.PackageNotFoundError:
+        torchrec = "not installed"
     return Stack(
         torch=torch.__version__,
         torch_cuda=torch.version.cuda,
-        fbgemm_gpu=fbgemm_gpu.__version__,
-        fbgemm_variant=getattr(fbgemm_gpu, "__variant__", "unknown"),
-        torchrec=metadata.version("torchrec"),  # its __version__ is not set in every build
+        fbgemm_gpu=" / ".join(fbgemm.values()) or "not installed",
+        fbgemm_variant=variant,
+        torchrec=torchrec,
     )
 
 
