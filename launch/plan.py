@@ -45,7 +45,7 @@ def plan_report(cfg: TrainConfig, world_size: int, local_world_size: int, device
     from models.ranking import RankingModel, RankingTrainWrapper
     from pipeline.dist import DistInfo
     from pipeline.optim import fuse_sparse_optimizer
-    from pipeline.sharding import make_planner, plan_table, sharders, table_names, topology
+    from pipeline.sharding import make_planner, no_plan_error, plan_table, sharders, table_names, topology
 
     if device == "cuda" and cfg.sharding.hbm_gib is None and not torch.cuda.is_available():
         raise ValueError("--device cuda without a GPU here: give the HBM per rank (sharding.hbm_gib=80)")
@@ -59,7 +59,7 @@ def plan_report(cfg: TrainConfig, world_size: int, local_world_size: int, device
     try:
         plan = planner.plan(wrapper, sharders())
     except Exception as e:  # noqa: BLE001 - the planner's own errors (PlannerError and others): one line
-        raise ValueError(f"sharding: no plan: {str(e).strip().splitlines()[0]}") from None
+        raise no_plan_error(cfg.sharding, device, e) from None
     hbm, ddr = [0] * world_size, [0] * world_size
     for option in planner._best_plan or []:  # the chosen options, with the planner's storage estimates
         for shard in option.shards:

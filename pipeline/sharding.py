@@ -204,6 +204,22 @@ def plan_table(plan: ShardingPlan) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+_TOO_LARGE_HINT = (
+    "; for tables larger than HBM: sharding.compute_kernels=[fused,fused_uvm_caching], "
+    "model.table_dtype=fp16, optim.sparse.type=rowwise_adagrad"
+)
+
+
+def no_plan_error(cfg: ShardingConfig, device_type: str, e: BaseException) -> ValueError:
+    """The planner's failure as one line with the constraints it had (and what to try when out of memory)."""
+    first = str(e).strip().splitlines()[0].strip() if str(e).strip() else type(e).__name__
+    hint = _TOO_LARGE_HINT if "insufficient storage" in first and device_type == "cuda" else ""
+    return ValueError(
+        f"sharding: no plan for sharding.types={cfg.types} per_table={cfg.per_table} "
+        f"compute_kernels={compute_kernels(cfg)} on {device_type}: {first}{hint}"
+    )
+
+
 def shard_model(
     model: nn.Module, schema_tables: list[str], cfg: ShardingConfig, info: DistInfo, batch_size: int
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
@@ -213,9 +229,7 @@ def shard_model(
     try:
         plan = planner.collective_plan(model, model_sharders, dist.GroupMember.WORLD)
     except (PlannerError, RuntimeError) as e:  # e.g. a table too large for any allowed sharding type
-        raise ValueError(f"sharding: no plan for sharding.types={cfg.types} per_table={cfg.per_table} "
-                         f"compute_kernels={compute_kernels(cfg)} on {info.device.type}: "
-                         f"{str(e).strip().splitlines()[0]}") from None  # fmt: skip
+        raise no_plan_error(cfg, info.device.type, e) from None
     if info.is_main:
         log.info("sharding plan (world size %d):\n%s", info.world_size, plan_table(plan))
         replicated = sorted(

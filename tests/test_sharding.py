@@ -183,3 +183,60 @@ def test_a_gpu_job_group_carries_cpu_tensors_through_gloo_and_cuda_ones_through_
 
     assert backend_for(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
     assert backend_for(torch.device("cpu")) == "gloo"
+
+
+def test_the_planner_sees_the_configured_memory_and_kernels():
+    from torchrec.distributed.types import CacheParams
+
+    from pipeline.dist import DistInfo
+    from pipeline.sharding import planner_constraints, topology
+
+    info = DistInfo(0, 0, 8, 8, torch.device("cuda", 0), "cpu:gloo,cuda:nccl")
+    storage = topology(ShardingConfig(hbm_gib=80, ddr_gib=256), info).devices[0].storage
+    assert (storage.hbm, storage.ddr) == (80 * 2**30, 256 * 2**30)  # TorchRec alone assumes 32 / 128 GiB
+    default = planner_constraints(ShardingConfig(), ["t"], "cuda")["t"]
+    assert default.compute_kernels == ["fused"] and default.cache_params is None
+    caching = ShardingConfig(compute_kernels=["fused", "fused_uvm_caching"], cache_load_factor=0.1)
+    assert planner_constraints(caching, ["t"], "cuda")["t"].cache_params == CacheParams(load_factor=0.1)
+    replicated = ShardingConfig(types=["data_parallel"])  # its only kernel is the dense one
+    assert planner_constraints(replicated, ["t"], "cuda")["t"].compute_kernels == ["fused", "dense"]
+    with pytest.raises(ValueError, match=r"sharding.compute_kernels: unknown kernel\(s\) \['fast'\]"):
+        planner_constraints(ShardingConfig(compute_kernels=["fast"]), ["t"], "cuda")
+    with pytest.raises(ValueError, match="sharding.cache_load_factor=0.0: must be in"):
+        planner_constraints(
+            ShardingConfig(compute_kernels=["fused_uvm_caching"], cache_load_factor=0.0), ["t"], "cuda"
+        )
+
+
+def test_the_plan_does_not_depend_on_the_string_hash_seed():
+    """TorchRec's enumerator orders a table's sharding types as a Python set; under PYTHONHASHSEED=0 it
+    planned make train's tables column_wise on 2 CPU ranks, under other seeds table_wise."""
+    import subprocess
+    import sys
+
+    plans = []
+    for seed in ("0", "1"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "launch/plan.py", "--world-size", "2", "--device", "cpu"]
+        root = Path(__file__).resolve().parents[1]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        plans.append([line.split()[2] for line in proc.stdout.splitlines() if line.startswith("model.")])
+    assert plans[0] == plans[1] and set(plans[0]) == {"table_wise"}, plans
+
+
+def test_production_sized_tables_are_split_on_32_gib_gpus_and_not_on_80():
+    from omegaconf import OmegaConf
+
+    from launch.configs import compose_train
+    from launch.plan import plan_report, scaled_schema
+
+    def plan_of(hbm_gib: int) -> dict[str, str]:
+        cfg = compose_train(["model=rankmixer_100m", "data.batch_size=8192", f"sharding.hbm_gib={hbm_gib}"])
+        cfg.data.schema = scaled_schema(OmegaConf.to_container(cfg.data.schema, resolve=True), 10_000)
+        report = plan_report(OmegaConf.to_object(cfg), 8, 8, "cuda")
+        return {r.split()[1]: r.split()[2] for r in report.splitlines() if r.startswith("model.")}
+
+    # item_id: 500M x 16 fp32 rows + exact Adagrad's state = 59.6 GiB
+    assert plan_of(80)["item_id"] in ("table_wise", "column_wise")  # one shard, on one GPU
+    assert plan_of(32)["item_id"] == "row_wise"
