@@ -62,6 +62,14 @@ def backend_for(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
+def served_devices(backend: str) -> set[str]:
+    """The device types whose tensors a process group with this backend string takes in a collective:
+    'cpu:gloo,cuda:nccl' -> {cpu, cuda}; 'nccl' -> {cuda} (NCCL refuses CPU tensors); 'gloo' -> {cpu}."""
+    if ":" in backend:
+        return {pair.split(":")[0] for pair in backend.split(",")}
+    return {"nccl": {"cuda"}, "gloo": {"cpu"}}.get(backend, set())
+
+
 def init_distributed(device: Device | str = Device.auto, key: str = "trainer.device") -> DistInfo:
     """Initialise (or reuse) the default process group on `device` (auto | cuda | cpu, the config's `key`:
     pipeline/stack.py `resolve_device`); returns this process's place in it."""

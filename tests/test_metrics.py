@@ -263,3 +263,52 @@ def test_distributed_compute_equals_single_process_over_all_valid_rows(tmp_path:
         results = torch.load(tmp_path / f"rank{rank}.pt")
         _assert_same_metrics(results["uneven"], expected_uneven)
         _assert_same_metrics(results["rank1_empty"], expected_rank1_empty)
+
+
+def _collective_devices_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+    """One gloo rank of an evaluation (the exact evaluator, the evaluation statistics' mean over ranks),
+    recording the device of every tensor handed to a collective."""
+    from models.collectives import mean_over_ranks
+
+    seen: list[str] = []
+
+    def recording(collective):  # noqa: ANN001, ANN202
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            for a in args:
+                for t in a if isinstance(a, list | tuple) else [a]:
+                    if isinstance(t, torch.Tensor):
+                        seen.append(t.device.type)
+            return collective(*args, **kwargs)
+
+        return call
+
+    for name in ("all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_to_all_single", "gather"):
+        setattr(dist, name, recording(getattr(dist, name)))
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        evaluator = ExactAUCEvaluator(TASKS)
+        for batch in _rank_batches(rank):
+            evaluator.update(*batch)
+        evaluator.compute()
+        mean_over_ranks(torch.tensor([1.0, 2.0], dtype=torch.float64))
+        (Path(out_dir) / f"devices{rank}.txt").write_text(" ".join(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_cuda_jobs_group_takes_every_tensor_evaluation_hands_to_a_collective(tmp_path: Path) -> None:
+    """Issue 23, defect 2: evaluation hands CPU tensors to collectives, which a NCCL-only group (a CUDA
+    job's group before) refuses; a CUDA job's group (`backend_for`) takes every one of them."""
+    from pipeline.dist import backend_for, served_devices
+
+    mp.start_processes(
+        _collective_devices_worker,
+        args=(2, str(tmp_path / "store"), str(tmp_path)),
+        nprocs=2,
+        start_method="spawn",
+    )
+    for rank in range(2):
+        devices = set((tmp_path / f"devices{rank}.txt").read_text().split())
+        assert devices == {"cpu"}
+        assert not devices <= served_devices("nccl")  # NCCL alone would refuse these
+        assert devices <= served_devices(backend_for(torch.device("cuda", 0)))
