@@ -13,6 +13,7 @@ Training FLOPs = 3 x forward FLOPs (backward = 2 x forward: grads w.r.t. inputs 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 import torch
@@ -75,7 +76,7 @@ def cmd_dense(args: argparse.Namespace) -> dict:
         "gemm_peak_gflop_s": {k: v / 1e9 for k, v in peaks.items()},
         "gemm_peak_size": peak_n,
         "input_width": cfg.input_width,
-        "config": {k: v for k, v in vars(cfg).items() if k != "group_dims"},
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "group_dims"},
         "rows": rows,
     }
     peak_text = ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in result["gemm_peak_gflop_s"].items())
@@ -150,7 +151,7 @@ def cmd_moe(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "params": model.num_params(),
         "input_width": cfg.input_width,
-        "config": {k: v for k, v in vars(cfg).items() if k != "group_dims"},
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "group_dims"},
         "rows": rows,
     }
     print(
