@@ -19,9 +19,10 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}
 step() { "$PY" -m launch.gpu_check "$1" --mode "$MODE" --out "$OUT"; }
 echo "gpu_check ($MODE): runs in $OUT"
-if [ "$MODE" != cpu ]; then  # torch only: what runs on a GPU box without TorchRec
-  step logits
-  step auc
+# torch only: what runs on a GPU box without TorchRec (the benches only on a GPU)
+step logits
+step auc
+if [ "$MODE" != cpu ]; then
   step dense
   step longer_bench
   step moe
