@@ -93,23 +93,16 @@ def planner_constraints(
 
 def topology(cfg: ShardingConfig, info: DistInfo) -> Topology:
     """The planner's view of the job's hardware: world, device type, and the memory per rank it may fill
-    (`sharding.hbm_gib` / `ddr_gib`, else on CUDA the GPU's total memory and the host's RAM over its ranks).
-    TorchRec's planner otherwise assumes 32 GiB of HBM and 128 GiB of host RAM per rank.
-
-    A CPU job keeps TorchRec's host-RAM default unless `ddr_gib` is set: its tables share that RAM with
-    everything else on the host, and where plans cost the same (a table_wise table vs. its single
-    column_wise shard) the planner's pick flips with the cap (16 GiB: table_wise, 24: column_wise, 32:
-    table_wise, on the built-in tables), so the machine's RAM would move the plan of `make train`."""
+    (`sharding.hbm_gib` / `ddr_gib`, else measured: the GPU's total memory, the host's RAM over its local
+    ranks). TorchRec's planner otherwise assumes 32 GiB of HBM and 128 GiB of host RAM per rank."""
     hbm = cfg.hbm_gib * 2**30 if cfg.hbm_gib is not None else device_memory_bytes(info.device)
-    ddr = cfg.ddr_gib * 2**30 if cfg.ddr_gib is not None else None
-    if ddr is None and info.device.type == "cuda":
-        ddr = host_memory_bytes() // info.local_world_size
+    ddr = cfg.ddr_gib * 2**30 if cfg.ddr_gib is not None else host_memory_bytes() // info.local_world_size
     return TopologyFactory.create_topology(
         PlannerTrainerConfig(
             world_size=info.world_size,
             local_world_size=info.local_world_size,
             hbm_cap_bytes=int(hbm) if hbm else None,
-            ddr_cap_bytes=int(ddr) if ddr else None,
+            ddr_cap_bytes=int(ddr),
         ),
         kernel_config=KernelConfig(compute_device=info.device.type),
     )
