@@ -104,3 +104,25 @@ def two_table_schema() -> Schema:
     """user (id + dense), item (id on the shared "item" table + multi-hot tags + dense), and a sequence of
     item ids on the same "item" table."""
     return Schema.from_dict(_TWO_TABLE_SCHEMA)
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch: pytest.MonkeyPatch):
+    """A 1-rank gloo process group in this process. Its torchrun-style environment is set here through
+    monkeypatch, so it is undone afterwards: a later test's `python launch/train.py` must not inherit
+    RANK / WORLD_SIZE / MASTER_PORT from it."""
+    import socket
+
+    import torch.distributed as dist
+
+    from pipeline.dist import init_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    for key, value in {**env, "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    info = init_distributed(device="cpu")
+    yield info
+    dist.destroy_process_group()

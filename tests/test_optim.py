@@ -149,29 +149,24 @@ def test_unknown_schedule_is_named():
 
 
 def test_rowwise_adagrad_keeps_one_value_per_row_and_fp16_tables_store_half_precision(
-    synthetic_schema: Schema,
+    synthetic_schema: Schema, one_rank_group
 ):
     """optim.sparse.type=rowwise_adagrad: FBGEMM's state is one fp32 per table row, exact Adagrad's one
     per element; model.table_dtype=fp16 stores the tables' rows in fp16 (issue 23, defects 5 and 6)."""
     from models.sparse_arch import embedding_bag_configs
     from pipeline.config import TrainConfig
-    from pipeline.dist import init_distributed
     from pipeline.job import build_model
     from pipeline.optim import sparse_state_bytes
 
     tables = embedding_bag_configs(synthetic_schema)
     rows = sum(t.num_embeddings for t in tables)
     elements = sum(t.num_embeddings * t.embedding_dim for t in tables)
-    info = init_distributed(device="cpu")  # a 1-rank gloo group in this process
-    try:
-        state, dtypes = {}, {}
-        for kind, table_dtype in (("adagrad", "fp32"), ("rowwise_adagrad", "fp16")):
-            cfg = TrainConfig()
-            cfg.optim.sparse.type, cfg.model.table_dtype = kind, table_dtype
-            dmp, _ = build_model(cfg, synthetic_schema, info)
-            state[kind] = sparse_state_bytes(dmp)
-            dtypes[kind] = {v.dtype for k, v in dmp.state_dict().items() if "embedding_bags" in k}
-    finally:
-        torch.distributed.destroy_process_group()
+    state, dtypes = {}, {}
+    for kind, table_dtype in (("adagrad", "fp32"), ("rowwise_adagrad", "fp16")):
+        cfg = TrainConfig()
+        cfg.optim.sparse.type, cfg.model.table_dtype = kind, table_dtype
+        dmp, _ = build_model(cfg, synthetic_schema, one_rank_group)
+        state[kind] = sparse_state_bytes(dmp)
+        dtypes[kind] = {v.dtype for k, v in dmp.state_dict().items() if "embedding_bags" in k}
     assert state == {"adagrad": 4 * elements, "rowwise_adagrad": 4 * rows}
     assert dtypes == {"adagrad": {torch.float32}, "rowwise_adagrad": {torch.float16}}

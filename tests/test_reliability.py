@@ -144,32 +144,30 @@ def test_a_world_size_change_mid_epoch_is_refused_and_at_an_epoch_end_resumes(sm
     assert summary["epochs"] == 2 and summary["steps"] == two_rank_steps + rows // 256
 
 
-def test_a_failed_save_is_one_error_removes_its_partial_dir_and_keeps_the_earlier_ones(tmp_path, monkeypatch):
+def test_a_failed_save_is_one_error_removes_its_partial_dir_and_keeps_the_earlier_ones(
+    tmp_path, monkeypatch, one_rank_group
+):
     from pipeline import checkpoint
     from pipeline.checkpoint import CheckpointError, CheckpointManager
-    from pipeline.dist import init_distributed
 
-    info = init_distributed()  # a 1-rank gloo group in this process
-    try:
-        model = torch.nn.Linear(4, 2)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        manager = CheckpointManager(tmp_path / "ckpt", info, keep_last=2)
-        manager.save(1, model, optimizer, {"epoch": 0, "step_in_epoch": 1}, "x: 1\n")
+    info = one_rank_group
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    manager = CheckpointManager(tmp_path / "ckpt", info, keep_last=2)
+    manager.save(1, model, optimizer, {"epoch": 0, "step_in_epoch": 1}, "x: 1\n")
 
-        def disk_full(obj, f, *args, **kwargs):  # the rank's RNG file, after DCP wrote its shards
-            raise OSError(28, "No space left on device")
+    def disk_full(obj, f, *args, **kwargs):  # the rank's RNG file, after DCP wrote its shards
+        raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(checkpoint.torch, "save", disk_full)
-        with pytest.raises(CheckpointError) as err:
-            manager.save(2, model, optimizer, {"epoch": 0, "step_in_epoch": 2}, "x: 1\n")
-        assert str(err.value) == (
-            f"checkpoint: saving step 2 to {tmp_path / 'ckpt' / 'step_00000002'} failed (OSError: "
-            "[Errno 28] No space left on device); removed the partial .step_00000002.tmp; complete "
-            "checkpoints kept: step_00000001"
-        )
-        assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000001"]
-    finally:
-        torch.distributed.destroy_process_group()
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(CheckpointError) as err:
+        manager.save(2, model, optimizer, {"epoch": 0, "step_in_epoch": 2}, "x: 1\n")
+    assert str(err.value) == (
+        f"checkpoint: saving step 2 to {tmp_path / 'ckpt' / 'step_00000002'} failed (OSError: "
+        "[Errno 28] No space left on device); removed the partial .step_00000002.tmp; complete "
+        "checkpoints kept: step_00000001"
+    )
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000001"]
 
 
 def bad_rank_dataset(src: Path, dst: Path) -> Path:
