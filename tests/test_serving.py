@@ -35,10 +35,10 @@ def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def predict_cmd(checkpoint: Path, dataset: Path, out: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    # one rank: a plain process (a 1-rank group, as under torchrun, without the agent's ~2 s)
+    launcher = [*TORCHRUN, "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
     return [
-        *TORCHRUN,
-        "--nproc_per_node",
-        str(nproc),
+        *launcher,
         "launch/predict.py",
         f"checkpoint={checkpoint}",
         f"data.root={dataset}",
