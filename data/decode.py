@@ -27,6 +27,7 @@ import torch
 
 from data.hashing import hash_ids
 from data.schema import Schema, SequenceFeature, SparseFeature
+from data.storage import display, is_uri, resolve
 
 if TYPE_CHECKING:
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -158,18 +159,24 @@ def _expected_types(schema: Schema, labels: bool = True) -> dict[str, tuple[str,
     return out
 
 
-def open_parquet(path: Path) -> pq.ParquetFile:
+def open_parquet(path: str | Path) -> pq.ParquetFile:
+    """A Parquet file by local path or URI (data.storage); remote files pre-buffer each row group's column
+    chunks in few large reads, since every request to an object store costs a round trip."""
     try:
-        return pq.ParquetFile(path)
+        if not is_uri(path):
+            return pq.ParquetFile(path)
+        fs, inner = resolve(path)
+        return pq.ParquetFile(fs.open_input_file(inner), pre_buffer=True)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file (corrupt or truncated?): {e}") from e
+        raise DataError(f"{display(path)}: not a readable Parquet file (corrupt or truncated?): {e}") from e
 
 
 def check_file(
-    path: Path, pf: pq.ParquetFile, schema: Schema, labels: bool = True, extra: Sequence[str] = ()
+    path: str | Path, pf: pq.ParquetFile, schema: Schema, labels: bool = True, extra: Sequence[str] = ()
 ) -> None:
     """Every column the schema reads (without the labels if `labels=False`) and the `extra` columns
     (any type) exist, with the expected types."""
+    path = display(path)
     md = pf.metadata
     if md.num_rows == 0 or md.num_row_groups == 0:
         raise DataError(f"{path}: empty Parquet file ({md.num_rows} rows, {md.num_row_groups} row groups)")

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from data.batch import RecBatch
 from data.decode import Chunk, DataError, Decoder, check_file, open_parquet
 from data.schema import Schema
+from data.storage import display, exists, is_dir, join, list_files
 
 POLICIES = ("drop_last", "pad")
 
@@ -127,7 +128,7 @@ class ParquetReader:
         self._yielded = 0  # batches handed to the consumer this epoch
         self._resume_from = 0
 
-    def shard_row_groups(self) -> list[tuple[Path, int, int, int]]:
+    def shard_row_groups(self) -> list[tuple[str, int, int, int]]:
         """This rank's row groups as (file, row group index, rows, first row's position in the split), in
         the order an unshuffled reader yields their rows."""
         return [(self.files[p.file], p.index, p.rows, p.first_row) for p in self._pairs]
@@ -190,7 +191,7 @@ class ParquetReader:
 
     def _read(self, pair: _RowGroup, handles: dict[int, pq.ParquetFile]) -> Chunk:
         path = self.files[pair.file]
-        where = f"{path}: row group {pair.index}"
+        where = f"{display(path)}: row group {pair.index}"
         if pair.file not in handles:
             handles[pair.file] = open_parquet(path)
         try:
@@ -281,20 +282,20 @@ def _produce(source: Iterator[RecBatch], q: queue.Queue, stop: threading.Event) 
         put(e)
 
 
-def _list_files(files_or_dir: str | Path | Sequence[str | Path]) -> list[Path]:
+def _list_files(files_or_dir: str | Path | Sequence[str | Path]) -> list[str]:
+    """Files (local paths or URIs) from files and directories (their *.parquet files, recursively)."""
     items = [files_or_dir] if isinstance(files_or_dir, str | Path) else list(files_or_dir)
-    files: list[Path] = []
+    files: list[str] = []
     for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(p.glob("*.parquet"))
+        if is_dir(item):
+            found = list_files(item, ".parquet")
             if not found:
-                raise DataError(f"{p}: no *.parquet files in directory")
-            files += found
-        elif p.exists():
-            files.append(p)
+                raise DataError(f"{display(item)}: no *.parquet files in directory")
+            files += [join(item, f) for f in found]
+        elif exists(item):
+            files.append(str(item))
         else:
-            raise DataError(f"{p}: no such file or directory")
+            raise DataError(f"{display(item)}: no such file or directory")
     if not files:
         raise DataError("no Parquet files given")
     return sorted(set(files))

@@ -200,28 +200,38 @@ def config_diff(saved: Any, current: Any, path: str) -> list[str]:
     return [] if saved == current else [f"{path}: {saved!r} in checkpoint, {current!r} now"]
 
 
-def check_compatible(checkpoint: Path, config_yaml: str) -> None:
-    """Refuse (CheckpointError naming the first changed field) to resume a checkpoint whose schema or
-    model config differs from this run's: its tensors would not fit, or would mean something else."""
+def check_compatible(checkpoint: Path, config_yaml: str, what: str = "resume") -> None:
+    """Refuse (CheckpointError naming the first changed field) to resume (or warm-start from) a checkpoint
+    whose schema or model config differs from this run's: its tensors would not fit, or would mean
+    something else."""
     import yaml
 
     try:
         saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(f"resume: {checkpoint / 'config.yaml'} unreadable: {first_line(e)}") from e
+        raise CheckpointError(f"{what}: {checkpoint / 'config.yaml'} unreadable: {first_line(e)}") from e
     current = yaml.safe_load(config_yaml)
     diffs = config_diff(saved["data"]["schema"], current["data"]["schema"], "schema")
     diffs += config_diff(saved["model"], current["model"], "model")
     if diffs:
         more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        fix = "resume with the run's config.yaml, or start a new trainer.run_dir"
+        if what != "resume":
+            fix = "train with the schema and model of the checkpoint"
         raise CheckpointError(
-            f"resume: {checkpoint} was written with another schema or model: {diffs[0]}{more}; resume with "
-            "the run's config.yaml, or start a new trainer.run_dir"
+            f"{what}: {checkpoint} was written with another schema or model: {diffs[0]}{more}; {fix}"
         )
 
 
-def load_checkpoint_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """DCP-load a checkpoint into live (possibly differently sharded) model / optimizer state."""
+def load_checkpoint_into(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    restart_schedule: bool = False,
+) -> None:
+    """DCP-load a checkpoint into live (possibly differently sharded) model / optimizer state.
+    `restart_schedule`: the lr schedule's step count (pipeline/optim.py ScheduledOptimizer keeps it in the
+    optimizer state, `__warmup`) starts again from 0 (a warm start), the rest of the state is loaded."""
     state: dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
         # Optimizer state is created lazily on the first step; make it exist so DCP can load in place.
@@ -230,6 +240,10 @@ def load_checkpoint_into(path: Path, model: torch.nn.Module, optimizer: torch.op
     dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])
     if optimizer is not None:
+        if restart_schedule:
+            for key, value in state["optim"]["state"].items():
+                if key.endswith("__warmup"):
+                    value["warmup"].zero_()
         optimizer.load_state_dict(state["optim"])
         optimizer.post_load_state_dict()  # type: ignore[attr-defined]  # e.g. warmup re-applies its lr
 

@@ -82,11 +82,14 @@ class Quantize(Choice):
 
 @dataclass
 class DataConfig:
-    root: str = "datasets/synthetic"  # <root>/<split>/*.parquet (relative paths: to the project root)
+    # a path (relative: to the project root) or a URI (s3://, gs://, hdfs://, file://; data/storage.py)
+    root: str = "datasets/synthetic"
+    # Splits: a directory under root (<root>/<split>/*.parquet), or Hive partitions selected by conditions,
+    # e.g. 'dt>=2026-01-01,dt<=2026-01-07' (data/partitions.py)
     schema: Any = None  # the schema mapping (data/schema.py); conf/data/<name>.yaml
     generator: Any = None  # defaults for `python -m data.build.generate`
     train_split: str = "train"
-    valid_split: str = "valid"
+    valid_split: str = "valid"  # none: no validation, the final state is the model
     split: str = "test"  # what launch/eval.py evaluates (and train's final evaluation)
     batch_size: int = 512
     eval_batch_size: int = 2048
@@ -201,6 +204,11 @@ class TrainerConfig:
     keep_last: int = 2
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     resume: str = "none"  # none | auto (latest complete checkpoint under run_dir) | a checkpoint path
+    # Warm start: the model (and with init_optimizer the optimizer state, schedule restarted) of another
+    # run's checkpoint or run dir (its selected step); never its step, data position or metrics. A resume
+    # of this run wins over it.
+    init_from: str | None = None
+    init_optimizer: bool = False
     device: Device = Device.auto
     autocast: Autocast = Autocast.auto
     progress_bar: bool = True  # tqdm on rank 0, only when stderr is a TTY

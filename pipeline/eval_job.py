@@ -9,6 +9,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from data.partitions import split_label
 from pipeline.checkpoint import load_checkpoint_into
 from pipeline.config import EvalConfig
 from pipeline.evaluate import evaluate_inference_modes
@@ -26,7 +27,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     dmp, _ = build_model(run_cfg, schema, info)
     load_checkpoint_into(checkpoint, dmp, optimizer=None)
     reader = make_reader(run_cfg, schema, info, cfg.data.split, train=False)
-    out_dir = Path(cfg.output) if cfg.output else checkpoint / f"eval_{cfg.data.split}"
+    out_dir = Path(cfg.output) if cfg.output else checkpoint / f"eval_{split_label(cfg.data.split)}"
     preds = out_dir / "predictions" / f"part-{info.rank:05d}.parquet" if cfg.save_predictions else None
     metrics = evaluate_inference_modes(dmp, reader, info.device, list(schema.labels), cfg.max_batches, preds)
     result = {

@@ -35,6 +35,8 @@ from torch.export import Dim
 
 from data.batch import RecBatch
 from data.dataset_dir import atomic_dir
+from data.decode import open_parquet
+from data.partitions import split_files
 from data.reader import ParquetReader
 from data.schema import Schema
 from models.feature_groups import signed_log
@@ -43,7 +45,6 @@ from models.sparse_arch import input_keys
 from pipeline.checkpoint import load_run_config
 from pipeline.config import Quantize, TrainConfig
 from pipeline.files import write_json_atomic
-from pipeline.job import split_dir
 from pipeline.predictor import FORMAT_VERSION, MANIFEST, Predictor, quantize_rows
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def _first_rows(cfg: TrainConfig, schema: Schema, data_root: str, split: str, ro
 
     def reader(batch_size: int) -> ParquetReader:
         return ParquetReader(
-            split_dir(data_root, split),
+            split_files(data_root, split),
             schema,
             batch_size=batch_size,
             shuffle=False,
@@ -197,7 +198,9 @@ def _first_rows(cfg: TrainConfig, schema: Schema, data_root: str, split: str, ro
     if r.num_rows < rows:
         r = reader(r.num_rows)
     if r.num_rows < TRACE_ROWS:
-        raise ValueError(f"export: {split_dir(data_root, split)} has {r.num_rows} rows; need >= {TRACE_ROWS}")
+        raise ValueError(
+            f"export: split {split!r} of {data_root} has {r.num_rows} rows; need >= {TRACE_ROWS}"
+        )
     return next(iter(r))
 
 
@@ -293,11 +296,10 @@ def _tables(model: RankingModel) -> dict[str, nn.Module]:
 def batch_table(schema: Schema, root: str, split: str, rows: int):
     """The first `rows` rows of a split, files in name order, as one Arrow table."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     tables, have = [], 0
-    for f in sorted(split_dir(root, split).glob("*.parquet")):
-        t = pq.read_table(f, columns=schema.columns(labels=False))
+    for f in split_files(root, split):
+        t = open_parquet(f).read(columns=schema.columns(labels=False))
         tables.append(t.slice(0, rows - have))
         have += tables[-1].num_rows
         if have >= rows:

@@ -18,6 +18,7 @@ import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer
 
+from data.partitions import split_files
 from data.reader import ParquetReader
 from data.schema import Schema
 from models.dense_arch import DenseArch
@@ -46,20 +47,10 @@ def autocast_dtype(mode: Autocast, device: torch.device) -> torch.dtype | None:
     return {Autocast.bf16: torch.bfloat16, Autocast.fp16: torch.float16, Autocast.off: None}[mode]
 
 
-def split_dir(root: str, split: str) -> Path:
-    path = Path(root) / split
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"data: split directory {path} does not exist (data.root={root!r}, "
-            f"split={split!r}); build the dataset first, e.g. `make data`"
-        )
-    return path
-
-
 def make_reader(cfg: TrainConfig, schema: Schema, info: DistInfo, split: str, train: bool) -> ParquetReader:
     d = cfg.data
     return ParquetReader(
-        split_dir(d.root, split),
+        split_files(d.root, split),
         schema,
         batch_size=d.batch_size if train else d.eval_batch_size,
         rank=info.rank,

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from data.dataset_dir import replace_dir
+from data.partitions import split_files
 from data.reader import ParquetReader
 from data.schema import Schema
 from models.sparse_arch import input_keys
@@ -38,7 +39,7 @@ from pipeline.config import PredictConfig
 from pipeline.dist import broadcast_object
 from pipeline.evaluate import batch_outputs
 from pipeline.files import write_json_atomic
-from pipeline.job import build_model, open_checkpoint_job, split_dir
+from pipeline.job import build_model, open_checkpoint_job
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     passthrough = check_output(cfg, schema)
     # Every input is checked before the model is built: columns and types of every file (metadata only).
     reader = ParquetReader(
-        split_dir(data.root, data.split),
+        split_files(data.root, data.split),
         schema,
         batch_size=data.eval_batch_size,
         rank=info.rank,

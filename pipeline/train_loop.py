@@ -33,6 +33,7 @@ from pipeline.checkpoint import (
     complete_checkpoints,
     first_line,
     load_checkpoint_into,
+    resolve_checkpoint,
 )
 from pipeline.config import TrainConfig
 from pipeline.dist import (
@@ -82,7 +83,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     schema = Schema.from_dict(cfg.data.schema)
     # Readers first: every split's files, columns and types are checked before a run dir is created.
     train_reader = make_reader(cfg, schema, info, cfg.data.train_split, train=True)
-    valid_reader = make_reader(cfg, schema, info, cfg.data.valid_split, train=False)
+    validates = cfg.data.valid_split not in ("", "none")
+    valid_reader = make_reader(cfg, schema, info, cfg.data.valid_split, train=False) if validates else None
     test_reader = (
         make_reader(cfg, schema, info, cfg.data.split, train=False) if cfg.trainer.final_eval else None
     )
@@ -102,7 +104,7 @@ def _train(
     info: DistInfo,
     schema: Schema,
     train_reader: ParquetReader,
-    valid_reader: ParquetReader,
+    valid_reader: ParquetReader | None,
     test_reader: ParquetReader | None,
     run_dir: Path,
     ckpt: CheckpointManager,
@@ -133,6 +135,7 @@ def _train(
     # ---- resume (checked against this config before the run dir's config.yaml is rewritten) -----------
     stopper = EarlyStopping(cfg.trainer.early_stop)
     pos, trainer_state = resume(cfg, ckpt, info, dmp, optimizer, config_yaml)
+    init_from = warm_start(cfg, info, dmp, optimizer, config_yaml) if not trainer_state else None
     if info.is_main:
         (run_dir / "config.yaml").write_text(config_yaml)
     if "early_stop" in trainer_state:
@@ -164,6 +167,8 @@ def _train(
     pipeline = TrainPipelineSparseDist(dmp, optimizer, info.device, execute_all_batches=True)
 
     def validate() -> None:
+        if valid_reader is None:  # data.valid_split=none: no model selection (e.g. daily training)
+            return
         meter.pause()  # validation time is not training time
         pipeline.detach()  # plain forward for eval
         metrics = evaluate(dmp, valid_reader, info.device, tasks, cfg.trainer.eval_max_batches)
@@ -249,6 +254,7 @@ def _train(
         "stop_reason": stop_reason,
         "selected_step": selected,
         "run_dir": str(run_dir),
+        "init_from": init_from,
         "world_size": info.world_size,
         "dense_params": dense_params,
         "sparse_optimizer_state_bytes": sparse_state_total,
@@ -333,6 +339,30 @@ def resume(
             pos.step_in_epoch,
         )
     return pos, meta
+
+
+def warm_start(cfg: TrainConfig, info: DistInfo, dmp: Any, optimizer: Any, config_yaml: str) -> str | None:
+    """`trainer.init_from`: load the model (tables and dense) of another run's checkpoint (for a run dir:
+    its selected step, else its latest) into this fresh run, and with `trainer.init_optimizer` the
+    optimizer state too, with the lr schedule restarted. Never its step, data position, early-stopping
+    or metric state: this run starts at step 0 of its own data. Returns the checkpoint loaded."""
+    if not cfg.trainer.init_from:
+        return None
+    try:
+        path = resolve_checkpoint(cfg.trainer.init_from)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"trainer.init_from: {e}") from e
+    check_compatible(path, config_yaml, what="trainer.init_from")
+    try:
+        load_checkpoint_into(
+            path, dmp, optimizer if cfg.trainer.init_optimizer else None, restart_schedule=True
+        )
+    except (OSError, ValueError, RuntimeError, dcp.api.CheckpointException) as e:
+        raise CheckpointError(f"trainer.init_from: {path} cannot be loaded: {first_line(e)}") from e
+    if info.is_main:
+        what = "model and optimizer state" if cfg.trainer.init_optimizer else "model"
+        log.info("warm start: %s from %s", what, path)
+    return str(path)
 
 
 def check_data_position(meta: dict[str, Any], cfg: TrainConfig, info: DistInfo, path: Path) -> None:

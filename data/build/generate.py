@@ -1,11 +1,14 @@
 """Synthetic short-video impressions with known true probabilities (the oracle).
 
     python -m data.build.generate --config conf/data/synthetic.yaml [--root DIR] [--rows N] [--seed S]
-        [--overwrite]
+        [--days N] [--start-date YYYY-MM-DD] [--overwrite]
 
 Writes <root>/{train,valid,test}/part-*.parquet with the schema's columns plus hidden `_row_id` and
 `_p_<task>` (the true probabilities), and <root>/dataset.json with each split's oracle AUC / UAUC. How
-the truth is built: data.build.world.
+the truth is built: data.build.world. With --days N (the daily mode) it writes N partitions
+<root>/dt=<date>/part-*.parquet of --rows rows each instead, from a world that drifts day by day (new
+items and authors launch, popularity moves to the newest items, tastes and interests drift), with each
+day's oracle.
 
 Determinism: the world (users, items, authors, factor tables) comes from rng(seed), each file from
 rng(seed, split, file); same seed -> byte-identical files. Writing is atomic: everything goes to a sibling
@@ -20,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +107,38 @@ def _write_split(world: World, schema: Schema, split_no: int, split: str, out: P
     }
 
 
+def day_partitions(p: GenParams) -> list[str]:
+    """The daily mode's partition names, dt=<start_date + d> for d < days."""
+    start = date.fromisoformat(p.start_date)
+    return [f"dt={start + timedelta(days=d)}" for d in range(p.days)]
+
+
+def _write_day(world: World, schema: Schema, day: int, partition: str, out: Path) -> dict[str, Any]:
+    """Day `day`'s impressions as `out/<partition>/part-*.parquet`, file f from rng(seed, 100 + day, f),
+    after the world has drifted to that day; returns its json entry with the day's oracle."""
+    p = world.p
+    world.advance(day)
+    oracle_parts: list[pa.Table] = []
+
+    def tables() -> Iterator[pa.Table]:
+        start = day * p.rows_train
+        for f, n in enumerate(part_sizes(p.rows_train, p.files_train)):
+            table = to_table(world.rows(n, np.random.default_rng([p.seed, 100 + day, f]), start), schema)
+            oracle_parts.append(table.select(oracle_columns(schema)))
+            start += n
+            yield table
+
+    parts = write_parts(out, partition, tables(), p.row_groups_per_file)
+    oracle = pa.concat_tables(oracle_parts)
+    return {
+        "rows": p.rows_train,
+        **parts,
+        "items_on_offer": int((world.item_launch <= day).sum()),
+        "positive_rate": {t: float(np.mean(oracle.column(t).to_numpy())) for t in schema.labels},
+        "oracle": oracle_metrics(oracle, schema),
+    }
+
+
 def oracle_columns(schema: Schema) -> list[str]:
     return [schema.user_id, *schema.labels, *(f"_p_{t}" for t in schema.labels)]
 
@@ -127,7 +163,8 @@ def oracle_metrics(table: pa.Table, schema: Schema) -> dict[str, dict[str, float
 def generate(
     schema: Schema, params: GenParams, root: str | Path, overwrite: bool = False, verbose: bool = False
 ) -> dict[str, Any]:
-    """Write <root>/{train,valid,test}/part-*.parquet and <root>/dataset.json atomically; returns the json."""
+    """Write <root>/{train,valid,test}/part-*.parquet (daily mode: <root>/dt=<date>/part-*.parquet) and
+    <root>/dataset.json atomically; returns the json."""
     root = Path(root)
     if root.exists() and not overwrite:
         raise FileExistsError(f"{root} exists; pass --overwrite to replace it")
@@ -140,8 +177,12 @@ def generate(
             "generator": asdict(params),
             "splits": {},
         }
-        for i, split in enumerate(SPLITS):
-            info["splits"][split] = _write_split(world, schema, i, split, tmp)
+        names = day_partitions(params) if params.days else SPLITS
+        for i, split in enumerate(names):
+            if params.days:
+                info["splits"][split] = _write_day(world, schema, i, split, tmp)
+            else:
+                info["splits"][split] = _write_split(world, schema, i, split, tmp)
             if verbose:
                 print(
                     f"  {split}: {info['splits'][split]['rows']} rows ({time.perf_counter() - t0:.1f}s)",
@@ -176,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", help="output directory (default: the config's root)")
     ap.add_argument("--rows", type=int, help="train rows; valid/test scale with it")
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--days", type=int, help="daily mode: this many dt=<date> partitions of --rows rows each")
+    ap.add_argument("--start-date", help="daily mode: the first partition's date (YYYY-MM-DD)")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     cfg = yaml.safe_load(Path(args.config).read_text())
@@ -183,8 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     params = GenParams.from_dict(cfg.get("generator"))
     if args.rows is not None:
         params = params.scaled(args.rows)
-    if args.seed is not None:
-        params = GenParams(**{**asdict(params), "seed": args.seed})
+    overrides = {"seed": args.seed, "days": args.days, "start_date": args.start_date}
+    params = GenParams(**{**asdict(params), **{k: v for k, v in overrides.items() if v is not None}})
     root = args.root or cfg.get("root")
     if not root:
         ap.error("no --root and no root in the config")

@@ -61,6 +61,14 @@ class GenParams:
     seq_max_len: int = 256
     seq_len_log_mean: float = 2.7
     logit_scale: float = 1.25
+    # Daily mode (days > 0): `days` date partitions dt=<start_date + d> of rows_train rows (files_train
+    # files) each, instead of train/valid/test. The world drifts from day to day (World.advance):
+    days: int = 0
+    start_date: str = "2026-01-01"
+    new_item_share: float = 0.3  # items launched after day 0, spread over the later days
+    new_author_share: float = 0.15  # authors (and all their items) launched after day 0
+    taste_drift: float = 0.35  # per-day innovation of the segment x category taste table (a random walk)
+    interest_drift: float = 0.15  # share of users who swap one interest category per day
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> GenParams:
@@ -154,6 +162,66 @@ class World:
         self.user_bias = 0.3 * g(6)[self.user_device] + 0.15 * (self.user_activity - 2.0)
         self.item_bias = 0.3 * g(20)[self.item_dur]
         self.user_bias_skip = 0.3 * g(6)[self.user_device]
+        self.today = 0
+        if p.days > 0:
+            self._plan_launches(np.random.default_rng([p.seed, 4242]))
+            self._index_catalogue()
+
+    # ------------------------------------------------------------------ daily drift
+    def _plan_launches(self, rng: np.random.Generator) -> None:
+        """Launch day of every author and item: new authors bring new items; other items launch late too."""
+        p = self.p
+        later = max(p.days - 1, 1)
+        author_day = np.where(
+            rng.random(p.n_authors) < p.new_author_share, rng.integers(1, later + 1, p.n_authors), 0
+        )
+        item_day = np.where(
+            rng.random(p.n_items) < p.new_item_share, rng.integers(1, later + 1, p.n_items), 0
+        )
+        self.item_launch = np.maximum(item_day, author_day[self.item_author])
+        self.item_launch[self.cat_items[self.cat_start[:-1][np.diff(self.cat_start) > 0]]] = 0  # none empty
+        self.author_launch = author_day
+
+    def _index_catalogue(self) -> None:
+        """The items on offer today, newest first within each category (so the newest are drawn most: the
+        draw is start + floor(count * U^2)), with popularity and age from that order."""
+        p, d = self.p, self.today
+        live = np.flatnonzero(self.item_launch <= d)
+        order = live[np.lexsort((live, self.item_launch[live] * -1, self.item_cat[live]))]
+        counts = np.bincount(self.item_cat[order], minlength=p.n_categories)
+        self.cat_items, self.cat_start = order, np.concatenate([[0], np.cumsum(counts)])
+        rank = np.arange(len(order)) - np.repeat(self.cat_start[:-1], counts)
+        self.item_pop = np.zeros(p.n_items)
+        self.item_pop[order] = 1.0 - np.sqrt((rank + 0.5) / counts[self.item_cat[order]])
+        self.item_age = np.clip(d - self.item_launch, 0, 9)
+        by_author = live[np.argsort(self.item_author[live], kind="stable")]
+        self.author_items = by_author
+        self.author_start = np.concatenate(
+            [[0], np.cumsum(np.bincount(self.item_author[live], minlength=p.n_authors))]
+        )
+
+    def advance(self, day: int) -> None:
+        """Move the world to `day` (days > 0 only; forward only), one day at a time: the taste table walks
+        (x sqrt(1 - tau^2), + tau * fresh noise), a share of users swap an interest, and the catalogue
+        takes in the day's launches."""
+        p = self.p
+        if day < self.today:
+            raise ValueError(f"world: cannot go back from day {self.today} to day {day}")
+        while self.today < day:
+            self.today += 1
+            rng = np.random.default_rng([p.seed, 777, self.today])
+            tau = p.taste_drift
+            self.seg_cat = math.sqrt(1 - tau**2) * self.seg_cat + tau * 0.3 * rng.standard_normal(
+                self.seg_cat.shape
+            )
+            movers = np.flatnonzero(rng.random(p.n_users) < p.interest_drift)
+            slot = self.int_off[movers] + (rng.random(len(movers)) * np.diff(self.int_off)[movers]).astype(
+                np.int64
+            )
+            self.int_cat[slot] = rng.choice(p.n_categories, len(movers), p=self.cat_p)
+            self.interest[:] = False
+            self.interest[np.repeat(np.arange(p.n_users), np.diff(self.int_off)), self.int_cat] = True
+        self._index_catalogue()
 
     def _item_tags(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         n = rng.integers(1, 5, self.p.n_items)
@@ -180,7 +248,8 @@ class World:
         cnt = self.fol_off[users + 1] - self.fol_off[users]
         a = self.fol_author[self.fol_off[users] + (rng.random(len(users)) * cnt).astype(np.int64)]
         n = self.author_start[a + 1] - self.author_start[a]
-        return self.author_items[self.author_start[a] + (rng.random(len(a)) * n).astype(np.int64)]
+        pick = self.author_start[a] + (rng.random(len(a)) * n).astype(np.int64)
+        return np.where(n > 0, self.author_items[np.minimum(pick, len(self.author_items) - 1)], -1)
 
     # ------------------------------------------------------------------ rows
     def rows(self, n: int, rng: np.random.Generator, row_id_start: int) -> dict[str, Any]:
@@ -194,7 +263,8 @@ class World:
         )
         item = self._pick_item(cat, rng)
         fol = (mode >= 0.45) & (mode < 0.60) & (self.fol_off[user + 1] > self.fol_off[user])
-        item[fol] = self._pick_followed_item(user[fol], rng)
+        followed = self._pick_followed_item(user[fol], rng)  # -1: the author has nothing on offer yet
+        item[fol] = np.where(followed >= 0, followed, item[fol])
         cat = self.item_cat[item]
         author = self.item_author[item]
         hour = rng.choice(24, n, p=_hour_p())
