@@ -86,6 +86,20 @@ def list_files(root: str | os.PathLike[str], suffix: str = "") -> list[str]:
     return sorted(out)
 
 
+def list_dirs(root: str | os.PathLike[str]) -> list[str]:
+    """Names of the directories directly under `root` (none if it does not exist)."""
+    fs, p = resolve(root)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def total_size(root: str | os.PathLike[str]) -> int:
+    """Bytes of every file under `root`."""
+    fs, p = resolve(root)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True, allow_not_found=True))
+    return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
+
+
 def read_bytes(path: str | os.PathLike[str]) -> bytes:
     fs, p = resolve(path)
     with fs.open_input_stream(p) as f:
@@ -123,3 +137,28 @@ def publish_marker(directory: str | os.PathLike[str]) -> None:
 
 def is_published(directory: str | os.PathLike[str]) -> bool:
     return exists(join(directory, COMMIT_MARKER))
+
+
+def publish_dir(local: str | os.PathLike[str], uri: str) -> None:
+    """Upload a finished local directory to `uri` on an object store: an existing output there goes first
+    (its marker before anything else), then every file, then the commit marker, last."""
+    remove_tree(join(uri, COMMIT_MARKER))
+    remove_tree(uri)
+    base = os.fspath(local)
+    for rel in list_files(base):
+        with open(os.path.join(base, rel), "rb") as f:
+            write_bytes(join(uri, rel), f.read())
+    publish_marker(uri)
+
+
+def fetch_dir(uri: str, local: str | os.PathLike[str]) -> None:
+    """Download a published directory (it must carry its commit marker) into `local`."""
+    if not is_published(uri):
+        raise FileNotFoundError(
+            f"{display(uri)}: not published (no {COMMIT_MARKER}: missing, or still being written)"
+        )
+    for rel in list_files(uri):
+        dest = os.path.join(os.fspath(local), rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(dest, "wb") as f:
+            f.write(read_bytes(join(uri, rel)))

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from data.partitions import partition_values
-from data.storage import display, exists, join, list_files, read_bytes
+from data.storage import display, list_files
+from launch.report import oracle_metrics
 from launch.sweep.runner import run_process
 
 STRATEGIES = ("incremental", "retrain", "frozen")
@@ -49,17 +50,6 @@ def partition_days(root: str, key: str) -> list[str]:
 def day_selection(key: str, days: list[str]) -> str:
     """The split selecting these consecutive days."""
     return f"{key}={days[0]}" if len(days) == 1 else f"{key}>={days[0]},{key}<={days[-1]}"
-
-
-def dataset_oracle(root: str) -> dict[str, Any]:
-    """Per partition, the oracle metrics the generator wrote to `<root>/dataset.json` ({} without one)."""
-    path = join(root, "dataset.json")
-    if not exists(path):
-        return {}
-    return {
-        name: split.get("oracle", {})
-        for name, split in json.loads(read_bytes(path)).get("splits", {}).items()
-    }
 
 
 def quoted(value: object) -> str:
@@ -133,13 +123,13 @@ def day_row(
     test_day: str | None,
     train_days: list[str],
     metrics: dict,
-    oracle: dict,
+    root: str,
     key: str,
 ) -> dict[str, Any]:
     """One line of results.jsonl."""
     test = metrics.get("test", {})
     tasks = sorted({k.split("/")[0] for k in test if k.endswith("/auc")})
-    truth = oracle.get(f"{key}={test_day}", {}) if test_day else {}
+    truth = oracle_metrics(root, f"{key}={test_day}") if test_day else {}
     row: dict[str, Any] = {
         "day": day,
         "strategy": strategy,
@@ -161,7 +151,6 @@ def run_strategy(args: argparse.Namespace, strategy: str, days: list[str], all_d
     """Every day of one strategy (finished days are read back, not rerun); its results rows."""
     out = Path(args.out) / strategy
     out.mkdir(parents=True, exist_ok=True)
-    oracle = dataset_oracle(args.root)
     rows: list[dict] = []
     totals = {"train_seconds": 0.0, "train_rows": 0}
     first_model: Path | None = None
@@ -192,7 +181,7 @@ def run_strategy(args: argparse.Namespace, strategy: str, days: list[str], all_d
             metrics = json.loads((run_dir / "metrics.json").read_text())
             metrics["train_rows"] = metrics.get("train_rows") or _rows_trained(run_dir)
         first_model = first_model or run_dir
-        row = day_row(strategy, day, test_day, train_days, metrics, oracle, args.key)
+        row = day_row(strategy, day, test_day, train_days, metrics, args.root, args.key)
         totals["train_seconds"] += row["train_seconds"]
         totals["train_rows"] += row["train_rows"]
         row["total_train_seconds"] = round(totals["train_seconds"], 1)

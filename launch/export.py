@@ -6,11 +6,10 @@ training model and its size; `pipeline.predictor.Predictor(out)` scores with it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from data.storage import display, total_size
 from launch.cli import exit_on_user_error, prepare_launch
 from pipeline.checkpoint import resolve_checkpoint
 from pipeline.config import ExportConfig, reject_unknown_keys
@@ -24,11 +23,11 @@ def main(cfg: DictConfig) -> None:
     reject_unknown_keys(cfg)
     c: ExportConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     setup_logging(0)
-    out = Path(c.out)
     manifest = export(
-        resolve_checkpoint(c.checkpoint), out, c.quantize, c.data_root, c.split, c.parity_rows, c.overwrite
+        resolve_checkpoint(c.checkpoint), c.out, c.quantize, c.data_root, c.split, c.parity_rows, c.overwrite
     )
-    size = sum(f.stat().st_size for f in out.iterdir())
+    size = total_size(c.out)
+    out = display(c.out)
     parity = manifest["parity"]
     print(
         f"export: {out} ({size / 2**20:.1f} MiB, embeddings {c.quantize}, programs "

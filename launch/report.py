@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
+
+from data.storage import exists, join, read_bytes
 
 
 def oracle_metrics(data_root: str, split: str) -> dict[str, dict[str, float]]:
-    """{task: {"auc", "uauc"}} of the true probabilities, from the generator's dataset.json (if any)."""
-    path = Path(data_root) / "dataset.json"
-    if not path.is_file():
+    """{task: {"auc", "uauc"}} of the true probabilities, from the generator's dataset.json (if any; the
+    daily mode's splits are its partitions, `dt=<date>`). `data_root`: a path or URI."""
+    path = join(data_root, "dataset.json")
+    if not exists(path):
         return {}
-    info = json.loads(path.read_text())
+    info = json.loads(read_bytes(path))
     return info.get("splits", {}).get(split, {}).get("oracle", {})
 
 
@@ -39,7 +41,12 @@ def print_report(summary: dict[str, Any], data_root: str, title: str | None = No
             print(f"{t:<10}{auc:>8.4f}{uauc:>8.4f}{uauc_w:>8.4f}")
     if summary.get("collapsed"):
         print(f"  COLLAPSED (constant predictions): {', '.join(summary['collapsed'])}")
-    if "selected_step" in summary:
+    if "selected_step" in summary and summary.get("valid") is None:
+        print(
+            f"  the final state (step {summary['steps']}; no validation split); "
+            f"stopped: {summary['stop_reason']}"
+        )
+    elif "selected_step" in summary:
         print(
             f"  selected step {summary['selected_step']} of {summary['steps']} on validation "
             f"({summary['early_stop']['metric']}); stopped: {summary['stop_reason']}"

@@ -15,6 +15,7 @@ crash never leaves a checkpoint that looks complete; only `step_*` dirs with `tr
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from data.storage import display, exists, is_uri, join, list_dirs, read_bytes, remove_tree, write_bytes
 from pipeline.config import TrainConfig, load_train_config
 from pipeline.dist import DistInfo
 
@@ -51,58 +53,65 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _complete(root: Path) -> list[tuple[int, Path]]:
-    """(step, dir) of the complete checkpoints under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and (p / "trainer.json").is_file()
-    ]
-    return sorted(found)
+def _complete(root: str | Path) -> list[tuple[int, str]]:
+    """(step, dir) of the complete checkpoints under `root` (a path or URI), oldest first."""
+    found = [(int(m.group(1)), join(root, name)) for name in list_dirs(root) if (m := _STEP_DIR.match(name))]
+    return sorted((step, path) for step, path in found if exists(join(path, "trainer.json")))
 
 
-def step_dir(root: Path, step: int) -> Path:
+def step_dir(root: str | Path, step: int) -> str:
     """The directory of the checkpoint of `step` under a checkpoints root (matches _STEP_DIR)."""
-    return root / f"step_{step:08d}"
+    return join(root, f"step_{step:08d}")
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
+def complete_checkpoints(root: str | Path) -> list[str]:
     """Complete checkpoints under `root`, oldest first."""
     return [p for _, p in _complete(root)]
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def read_json(path: str | Path) -> dict[str, Any]:
+    return json.loads(read_bytes(path))
+
+
+def resolve_checkpoint(path: str | Path) -> str:
     """A checkpoint dir; or, for a run dir, the checkpoint its metrics.json selected (the best validation
     step, the one its test metrics come from), else its latest complete one; or the latest complete one
-    under a checkpoints dir."""
-    p = Path(path)
-    if (p / "trainer.json").is_file():
+    under a checkpoints dir. Paths or URIs."""
+    p = str(path)
+    if exists(join(p, "trainer.json")):
         return p
-    summary = p / "metrics.json"
-    if summary.is_file():
-        selected = json.loads(summary.read_text()).get("selected_step")
-        if selected is not None and (step_dir(p / "checkpoints", selected) / "trainer.json").is_file():
-            return step_dir(p / "checkpoints", selected)
-    for root in (p / "checkpoints", p):
+    summary = join(p, "metrics.json")
+    if exists(summary):
+        selected = read_json(summary).get("selected_step")
+        chosen = step_dir(join(p, "checkpoints"), selected) if selected is not None else None
+        if chosen and exists(join(chosen, "trainer.json")):
+            return chosen
+    for root in (join(p, "checkpoints"), p):
         found = complete_checkpoints(root)
         if found:
             return found[-1]
-    raise FileNotFoundError(f"checkpoint: no complete checkpoint at {p} (looked for step_*/trainer.json)")
+    raise FileNotFoundError(
+        f"checkpoint: no complete checkpoint at {display(p)} (looked for step_*/trainer.json)"
+    )
 
 
 class CheckpointManager:
+    """Saves and loads the checkpoints under `root`, a local path or a URI. Local saves are atomic by
+    rename (`.step_<N>.tmp/` -> `step_<N>/`); object stores have no rename, so a save writes `step_<N>/`
+    in place and `trainer.json`, written last, is its commit marker: a dir without it is never loaded,
+    listed or kept."""
+
     def __init__(self, root: str | Path, info: DistInfo, keep_last: int = 2) -> None:
-        self.root = Path(root)
+        self.root = str(root)
         self.info = info
         self.keep_last = keep_last
         self.keep_step: int | None = None  # kept besides the last keep_last (the best validation step)
+        self.in_place = is_uri(self.root)
 
-    def path(self, step: int) -> Path:
+    def path(self, step: int) -> str:
         return step_dir(self.root, step)
 
-    def latest(self) -> Path | None:
+    def latest(self) -> str | None:
         found = complete_checkpoints(self.root)
         return found[-1] if found else None
 
@@ -118,51 +127,66 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         trainer_state: dict[str, Any],
         config_yaml: str,
-    ) -> Path:
+    ) -> str:
         final = self.path(step)
-        tmp = self.root / f".step_{step:08d}.tmp"
+        tmp = final if self.in_place else join(self.root, f".step_{step:08d}.tmp")
         try:
             if self.info.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of the same step
-                tmp.mkdir(parents=True)
+                remove_tree(tmp)  # leftovers of a crashed save of the same step (or a re-save, in place)
+                if not self.in_place:
+                    os.makedirs(tmp)
             dist.barrier()
-            dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
-            torch.save({"rng": rng_state()}, tmp / f"rank_{self.info.rank}.pt")
+            dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=tmp)
+            rng = io.BytesIO()
+            torch.save({"rng": rng_state()}, rng)
+            write_bytes(join(tmp, f"rank_{self.info.rank}.pt"), rng.getvalue())
             dist.barrier()
             if self.info.is_main:
-                (tmp / "config.yaml").write_text(config_yaml)
+                write_bytes(join(tmp, "config.yaml"), config_yaml.encode())
                 meta = {**trainer_state, "step": step, "world_size": self.info.world_size}
-                (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
+                write_bytes(join(tmp, "trainer.json"), json.dumps(meta, indent=2).encode())  # the marker
         except (OSError, dcp.api.CheckpointException) as e:  # e.g. the disk is full
-            shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint on a full disk
-            kept = ", ".join(p.name for p in complete_checkpoints(self.root)) or "none"
+            if self.info.is_main:
+                remove_tree(tmp)  # never leave a partial checkpoint on a full disk
+            kept = ", ".join(p.rsplit("/", 1)[-1] for p in complete_checkpoints(self.root)) or "none"
             raise CheckpointError(
-                f"checkpoint: saving step {step} to {final} failed ({first_line(e)}); removed the partial "
-                f"{tmp.name}; complete checkpoints kept: {kept}"
+                f"checkpoint: saving step {step} to {display(final)} failed ({first_line(e)}); removed the "
+                f"partial {tmp.rsplit('/', 1)[-1]}; complete checkpoints kept: {kept}"
             ) from e
         if self.info.is_main:
-            if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            if not self.in_place:
+                if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it whole
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
             old = _complete(self.root)[: -self.keep_last] if self.keep_last > 0 else []
             for old_step, old_path in old:
                 if old_step != self.keep_step:
-                    shutil.rmtree(old_path, ignore_errors=True)
-            log.info("checkpoint saved: %s", final)
+                    _remove_checkpoint(old_path)
+            log.info("checkpoint saved: %s", display(final))
         dist.barrier()
         return final
 
     def load(
-        self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+        self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     ) -> dict[str, Any]:
         """Load model (and optimizer, if given) state in place; restore this rank's RNG when the world size
         matches. Returns trainer.json."""
-        meta = json.loads((path / "trainer.json").read_text())
+        meta = read_json(join(path, "trainer.json"))
         load_checkpoint_into(path, model, optimizer)
-        rank_file = path / f"rank_{self.info.rank}.pt"
-        if meta["world_size"] == self.info.world_size and rank_file.is_file():
-            set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
+        rank_file = join(path, f"rank_{self.info.rank}.pt")
+        if meta["world_size"] == self.info.world_size and exists(rank_file):
+            set_rng_state(torch.load(io.BytesIO(read_bytes(rank_file)), weights_only=False)["rng"])
         return meta
+
+
+def _remove_checkpoint(path: str) -> None:
+    """Remove a checkpoint, its commit marker first, so a removal cut short never leaves a dir that looks
+    complete (on an object store a directory is deleted object by object)."""
+    try:
+        remove_tree(join(path, "trainer.json"))
+        remove_tree(path)
+    except OSError as e:
+        log.warning("checkpoint: could not remove %s (%s)", display(path), first_line(e))
 
 
 class CheckpointError(ValueError):
@@ -200,16 +224,18 @@ def config_diff(saved: Any, current: Any, path: str) -> list[str]:
     return [] if saved == current else [f"{path}: {saved!r} in checkpoint, {current!r} now"]
 
 
-def check_compatible(checkpoint: Path, config_yaml: str, what: str = "resume") -> None:
+def check_compatible(checkpoint: str | Path, config_yaml: str, what: str = "resume") -> None:
     """Refuse (CheckpointError naming the first changed field) to resume (or warm-start from) a checkpoint
     whose schema or model config differs from this run's: its tensors would not fit, or would mean
     something else."""
     import yaml
 
     try:
-        saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+        saved = yaml.safe_load(read_bytes(join(checkpoint, "config.yaml")))
     except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{what}: {checkpoint / 'config.yaml'} unreadable: {first_line(e)}") from e
+        raise CheckpointError(
+            f"{what}: {display(join(checkpoint, 'config.yaml'))} unreadable: {first_line(e)}"
+        ) from e
     current = yaml.safe_load(config_yaml)
     diffs = config_diff(saved["data"]["schema"], current["data"]["schema"], "schema")
     diffs += config_diff(saved["model"], current["model"], "model")
@@ -219,12 +245,12 @@ def check_compatible(checkpoint: Path, config_yaml: str, what: str = "resume") -
         if what != "resume":
             fix = "train with the schema and model of the checkpoint"
         raise CheckpointError(
-            f"{what}: {checkpoint} was written with another schema or model: {diffs[0]}{more}; {fix}"
+            f"{what}: {display(checkpoint)} was written with another schema or model: {diffs[0]}{more}; {fix}"
         )
 
 
 def load_checkpoint_into(
-    path: Path,
+    path: str | Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     restart_schedule: bool = False,
@@ -237,7 +263,7 @@ def load_checkpoint_into(
         # Optimizer state is created lazily on the first step; make it exist so DCP can load in place.
         optimizer.init_state()  # type: ignore[attr-defined]
         state["optim"] = optimizer.state_dict()
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path))  # a URI goes through DCP's fsspec reader
     model.load_state_dict(state["model"])
     if optimizer is not None:
         if restart_schedule:
@@ -248,9 +274,11 @@ def load_checkpoint_into(
         optimizer.post_load_state_dict()  # type: ignore[attr-defined]  # e.g. warmup re-applies its lr
 
 
-def load_run_config(checkpoint: Path) -> TrainConfig:
+def load_run_config(checkpoint: str | Path) -> TrainConfig:
     """The training config saved inside a checkpoint (model, schema, optimizers)."""
-    path = checkpoint / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint}: no config.yaml (not written by launch/train.py?)")
-    return load_train_config(path)
+    path = join(checkpoint, "config.yaml")
+    if not exists(path):
+        raise FileNotFoundError(
+            f"checkpoint {display(checkpoint)}: no config.yaml (not written by launch/train.py?)"
+        )
+    return load_train_config(read_bytes(path).decode(), where=display(path))

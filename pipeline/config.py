@@ -266,13 +266,14 @@ class ExportConfig:
     overwrite: bool = False
 
 
-def load_train_config(path: Path) -> TrainConfig:
+def load_train_config(source: Path | str, where: str | None = None) -> TrainConfig:
     """A run's saved `config.yaml` (in its run dir and in each checkpoint), typed and validated like the
-    Hydra config it was written from."""
+    Hydra config it was written from. `source`: the file, or its text (then `where` names it)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    saved = OmegaConf.load(path)
+    saved = OmegaConf.load(source) if isinstance(source, Path) else OmegaConf.create(source)
+    path = source if isinstance(source, Path) else where
     arch = OmegaConf.select(saved, "model.arch", default="rankmixer")
     schema = OmegaConf.structured(TrainConfig(model=model_config_class(arch)()))
     try:

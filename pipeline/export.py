@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from data.decode import open_parquet
 from data.partitions import split_files
 from data.reader import ParquetReader
 from data.schema import Schema
+from data.storage import display, exists, is_uri, publish_dir
 from models.feature_groups import signed_log
 from models.ranking import RankingModel, RankingTrainWrapper
 from models.sparse_arch import input_keys
@@ -55,7 +57,7 @@ class ExportError(ValueError):
     """A model part that torch.export cannot capture; the message names the part and the cause."""
 
 
-def load_unsharded(checkpoint: Path) -> tuple[RankingModel, TrainConfig, Schema]:
+def load_unsharded(checkpoint: str | Path) -> tuple[RankingModel, TrainConfig, Schema]:
     """The trained RankingModel in this one process, every table whole, in eval mode."""
     cfg = load_run_config(checkpoint)
     schema = Schema.from_dict(cfg.data.schema)
@@ -205,20 +207,29 @@ def _first_rows(cfg: TrainConfig, schema: Schema, data_root: str, split: str, ro
 
 
 def export(
-    checkpoint: Path,
-    out: Path,
+    checkpoint: str | Path,
+    out: str | Path,
     quantize: str = "none",
     data_root: str | None = None,
     split: str = "test",
     parity_rows: int = 2048,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write the artifact to `out` (atomically: a hidden temp dir renamed at the end); returns the
-    manifest. The parity check scores `parity_rows` real rows of `<data_root>/<split>` (default: the
-    run's data root) with both the training model and the loaded artifact."""
+    """Write the artifact to `out` (atomically: a hidden temp dir renamed at the end; on an object store,
+    uploaded with the commit marker written last, data/storage.py); returns the manifest. The parity
+    check scores `parity_rows` real rows of the split (default data root: the run's) with both the
+    training model and the loaded artifact."""
     quantize = Quantize.parse(quantize, "quantize")
-    if out.exists() and not overwrite:
-        raise ValueError(f"out={out} exists; choose another out or pass overwrite=true to replace it")
+    if exists(out) and not overwrite:
+        raise ValueError(
+            f"out={display(out)} exists; choose another out or pass overwrite=true to replace it"
+        )
+    if is_uri(out):  # an object store: built here, then uploaded with its commit marker last
+        with tempfile.TemporaryDirectory() as local:
+            manifest = export(checkpoint, Path(local) / "artifact", quantize, data_root, split, parity_rows)
+            publish_dir(Path(local) / "artifact", str(out))
+        return manifest
+    out = Path(out)
     model, cfg, schema = load_unsharded(checkpoint)
     wire = wiring(model, schema)
     batch = _first_rows(cfg, schema, data_root or cfg.data.root, split, parity_rows)

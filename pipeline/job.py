@@ -24,10 +24,11 @@ from data.schema import Schema
 from models.dense_arch import DenseArch
 from models.ranking import RankingModel, RankingTrainWrapper
 from models.sparse_arch import input_keys
-from pipeline.checkpoint import load_run_config, resolve_checkpoint
+from pipeline.checkpoint import first_line, load_run_config, resolve_checkpoint
 from pipeline.config import Autocast, Device, TrainConfig
 from pipeline.dist import DistInfo, broadcast_object, describe_job, init_distributed
 from pipeline.optim import build_optimizer, fuse_sparse_optimizer, set_initial_accumulator
+from pipeline.run_dir import RunDir
 from pipeline.run_log import setup_logging
 from pipeline.sharding import shard_model, table_names
 
@@ -65,21 +66,19 @@ def make_reader(cfg: TrainConfig, schema: Schema, info: DistInfo, split: str, tr
     )
 
 
-def resolve_run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, bool]:
+def resolve_run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[RunDir, bool]:
     """(the run dir, whether this job created it). Rank 0 names and creates it, every rank uses that name
-    (ranks start at slightly different times); a path that cannot be created is one ValueError line."""
+    (ranks start at slightly different times); a path or URI that cannot be written is one ValueError
+    line."""
     name = cfg.trainer.run_dir or f"outputs/train/{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = Path(broadcast_object(name))
+    run_dir = RunDir.at(broadcast_object(name))
     error = None
     created = not run_dir.exists()
     if info.is_main:
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write_test"
-            probe.write_text("")
-            probe.unlink()
+            run_dir.check_writable()
         except OSError as e:
-            error = f"trainer.run_dir={str(run_dir)!r}: cannot write there ({e.strerror or e})"
+            error = f"trainer.run_dir={str(run_dir)!r}: cannot write there ({e.strerror or first_line(e)})"
     error = broadcast_object(error)  # every rank stops with the same line, none hangs in a collective
     if error:
         raise ValueError(error)

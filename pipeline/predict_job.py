@@ -10,13 +10,16 @@
 - Atomicity: the parts are written into a hidden `.<out>.tmp-<id>` directory next to `out`, which rank 0
   renames to `out` only after every rank finished and the row count matched the input's; a failed job
   leaves no `out` (a later run removes the stale temp dir). `overwrite=true` replaces an existing `out`
-  only at that last rename.
+  only at that last rename. An object store has no rename: there the parts go to `out` in place and
+  rank 0 writes the commit marker `_COMMITTED` last (data/storage.py); consumers require it (as Spark's
+  `_SUCCESS`), and a failed job removes what it wrote.
 - The computation is the serving one: the model in eval mode (the dense arch's serving inference mode,
   the sequence arch's full forward), as `launch/eval.py` scores the same rows.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import uuid
@@ -30,15 +33,26 @@ import torch
 import torch.distributed as dist
 
 from data.dataset_dir import replace_dir
+from data.decode import open_parquet
 from data.partitions import split_files
 from data.reader import ParquetReader
 from data.schema import Schema
+from data.storage import (
+    COMMIT_MARKER,
+    display,
+    exists,
+    is_uri,
+    join,
+    publish_marker,
+    remove_tree,
+    resolve,
+    write_bytes,
+)
 from models.sparse_arch import input_keys
 from pipeline.checkpoint import load_checkpoint_into
 from pipeline.config import PredictConfig
 from pipeline.dist import broadcast_object
 from pipeline.evaluate import batch_outputs
-from pipeline.files import write_json_atomic
 from pipeline.job import build_model, open_checkpoint_job
 
 log = logging.getLogger(__name__)
@@ -54,9 +68,10 @@ def score_columns(schema: Schema) -> list[str]:
 def check_output(cfg: PredictConfig, schema: Schema) -> list[str]:
     """The passthrough columns to copy (the user id column is always written), after checking that `out`
     may be written and that no passthrough name collides with a written column."""
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise ValueError(f"out={out} exists; choose another out or pass overwrite=true to replace it")
+    if exists(cfg.out) and not cfg.overwrite:
+        raise ValueError(
+            f"out={display(cfg.out)} exists; choose another out or pass overwrite=true to replace it"
+        )
     reserved = {ROW_ID, *score_columns(schema)}
     clash = sorted(reserved & set(cfg.passthrough))
     if clash:
@@ -68,16 +83,17 @@ class PartWriter:
     """This rank's part file: the scored rows of each of its row groups, written as that row group is
     complete (memory stays at one row group plus one batch)."""
 
-    def __init__(self, path: Path, reader: ParquetReader, schema: Schema, passthrough: list[str]) -> None:
+    def __init__(self, path: str, reader: ParquetReader, schema: Schema, passthrough: list[str]) -> None:
         self.schema, self.passthrough = schema, passthrough
         self.pending = list(reader.shard_row_groups())  # (file, row group, rows, first row), in read order
         first_file = reader.files[0]
-        file_schema = pq.ParquetFile(first_file).schema_arrow
+        file_schema = open_parquet(first_file).schema_arrow
         fields = [pa.field(ROW_ID, pa.int64()), pa.field(schema.user_id, pa.int64())]
         fields += [pa.field(c, pa.float32()) for c in score_columns(schema)]
         fields += [file_schema.field(c) for c in passthrough]
         self.arrow_schema = pa.schema(fields)
-        self.writer = pq.ParquetWriter(path, self.arrow_schema, compression="zstd")
+        fs, inner = resolve(path)
+        self.writer = pq.ParquetWriter(inner, self.arrow_schema, compression="zstd", filesystem=fs)
         self.user_ids: list[np.ndarray] = []
         self.scores: list[np.ndarray] = []
         self.buffered = 0
@@ -91,7 +107,7 @@ class PartWriter:
         while self.pending and self.buffered >= self.pending[0][2]:
             self._write_row_group(*self.pending.pop(0))
 
-    def _write_row_group(self, path: Path, index: int, rows: int, first_row: int) -> None:
+    def _write_row_group(self, path: str, index: int, rows: int, first_row: int) -> None:
         user_id, scores = np.concatenate(self.user_ids), np.concatenate(self.scores)
         self.user_ids, self.scores = [user_id[rows:]], [scores[rows:]]
         self.buffered -= rows
@@ -102,7 +118,7 @@ class PartWriter:
         for j, name in enumerate(score_columns(self.schema)):
             cols[name] = pa.array(scores[:rows, j])
         if self.passthrough:
-            extra = pq.ParquetFile(path).read_row_group(index, columns=self.passthrough)
+            extra = open_parquet(path).read_row_group(index, columns=self.passthrough)
             cols.update({c: extra.column(c) for c in self.passthrough})
         self.writer.write_table(pa.table(cols, schema=self.arrow_schema))
         self.rows += rows
@@ -131,6 +147,16 @@ def _temp_dir(out: Path, is_main: bool) -> Path:
     return Path(broadcast_object(name))
 
 
+def _clear_in_place(out: str, is_main: bool) -> str:
+    """An object-store `out` is written in place: rank 0 removes an existing one (allowed by overwrite),
+    its commit marker first, so no reader takes a mix of old and new parts for a complete output."""
+    if is_main:
+        remove_tree(join(out, COMMIT_MARKER))
+        remove_tree(out)
+    dist.barrier()
+    return out
+
+
 def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     info, checkpoint, run_cfg, schema = open_checkpoint_job(cfg.checkpoint, cfg.device)
     data = cfg.data.over(run_cfg.data)
@@ -154,10 +180,10 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     load_checkpoint_into(checkpoint, dmp, optimizer=None)
     dmp.eval()
 
-    out = Path(cfg.out)
-    tmp = _temp_dir(out, info.is_main)
+    out, in_place = cfg.out, is_uri(cfg.out)
+    tmp = _clear_in_place(out, info.is_main) if in_place else str(_temp_dir(Path(out), info.is_main))
     try:
-        part = PartWriter(tmp / f"part-{info.rank:05d}.parquet", reader, schema, passthrough)
+        part = PartWriter(join(tmp, f"part-{info.rank:05d}.parquet"), reader, schema, passthrough)
         with torch.no_grad():
             for o in batch_outputs(dmp, reader, info.device, len(reader)):
                 m = o.mask
@@ -166,9 +192,11 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
         dist.all_reduce(rows)
         expected = sum(reader.rows_per_rank)
         if int(rows) != expected:  # every input row exactly once, or no output at all
-            raise RuntimeError(f"predict: wrote {int(rows)} rows for {expected} input rows; {out} untouched")
+            raise RuntimeError(
+                f"predict: wrote {int(rows)} rows for {expected} input rows; {display(out)} not published"
+            )
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        remove_tree(tmp)  # nothing half-written stays behind (every rank: its own part at least)
         raise
     result = {
         "checkpoint": str(checkpoint),
@@ -177,12 +205,15 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
         "rows": expected,
         "world_size": info.world_size,
         "columns": part.arrow_schema.names,
-        "out": str(out),
+        "out": display(out),
     }
     dist.barrier()
     if info.is_main:
-        write_json_atomic(tmp / MANIFEST, result)
-        replace_dir(tmp, out)  # an existing `out` is replaced only now
-        log.info("predictions: %d rows in %s", expected, out)
+        write_bytes(join(tmp, MANIFEST), json.dumps(result, indent=2).encode())
+        if in_place:
+            publish_marker(out)  # the last write: readers require it
+        else:
+            replace_dir(Path(tmp), Path(out))  # an existing `out` is replaced only now
+        log.info("predictions: %d rows in %s", expected, display(out))
     dist.barrier()
     return result

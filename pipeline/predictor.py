@@ -14,6 +14,7 @@ columns may be left out.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 import models  # noqa: F401  registers the model package's custom ops, which exported programs call
-from data.decode import Chunk, Decoder
+from data.decode import Chunk, Decoder, open_parquet
 from data.schema import Schema
+from data.storage import fetch_dir, is_uri
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -89,6 +90,10 @@ class Predictor:
     """Loads `<artifact>/` (manifest.json, embeddings.pt, *.pt2) and scores rows."""
 
     def __init__(self, path: str | Path, load_programs: bool = True) -> None:
+        if is_uri(path):  # an artifact on an object store: fetched once it is published (its marker)
+            self._fetched = tempfile.TemporaryDirectory()
+            fetch_dir(str(path), self._fetched.name)
+            path = self._fetched.name
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
@@ -154,8 +159,8 @@ class Predictor:
         return self.predict(pa.table(dict(features)), where="features")
 
     def predict_parquet(self, path: str | Path, batch_size: int = 8192) -> Iterator[np.ndarray]:
-        """Probabilities (b, T) per batch of a Parquet file, in row order."""
-        pf = pq.ParquetFile(path)
+        """Probabilities (b, T) per batch of a Parquet file (a path or URI), in row order."""
+        pf = open_parquet(path)
         columns = self.schema.columns(labels=False)
         for i, batch in enumerate(pf.iter_batches(batch_size=batch_size, columns=columns)):
             yield self.predict(batch, where=f"{path}: batch {i}")

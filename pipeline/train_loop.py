@@ -8,12 +8,9 @@ the loop (log, validate, checkpoint), the final checkpoint and test evaluation.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +23,7 @@ from tqdm import tqdm
 from data.metrics.summary import collapsed_tasks, metric_value
 from data.reader import ParquetReader
 from data.schema import Schema
+from data.storage import join
 from pipeline.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -33,6 +31,7 @@ from pipeline.checkpoint import (
     complete_checkpoints,
     first_line,
     load_checkpoint_into,
+    read_json,
     resolve_checkpoint,
 )
 from pipeline.config import TrainConfig
@@ -51,6 +50,7 @@ from pipeline.job import build_model, make_reader, resolve_run_dir, seed_everyth
 from pipeline.meter import TrainMeter
 from pipeline.optim import sparse_state_bytes
 from pipeline.profiler import StepProfiler, SyncDebugWindow
+from pipeline.run_dir import RunDir
 from pipeline.run_log import RunLog, setup_logging
 from pipeline.sharding import dense_arch
 
@@ -89,13 +89,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         make_reader(cfg, schema, info, cfg.data.split, train=False) if cfg.trainer.final_eval else None
     )
     run_dir, created = resolve_run_dir(cfg, info)
-    ckpt = CheckpointManager(run_dir / "checkpoints", info, keep_last=cfg.trainer.keep_last)
+    ckpt = CheckpointManager(run_dir.checkpoints, info, keep_last=cfg.trainer.keep_last)
     try:
         return _train(cfg, info, schema, train_reader, valid_reader, test_reader, run_dir, ckpt)
     except BaseException:
         # a run dir this job created and that holds no checkpoint is only debris of the failure
         if created and info.is_main and ckpt.latest() is None:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.remove_local()
         raise
 
 
@@ -106,11 +106,13 @@ def _train(
     train_reader: ParquetReader,
     valid_reader: ParquetReader | None,
     test_reader: ParquetReader | None,
-    run_dir: Path,
+    run_dir: RunDir,
     ckpt: CheckpointManager,
 ) -> dict[str, Any]:
     tasks = list(schema.labels)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    if info.is_main:
+        run_dir.pull()  # a remote run dir: the staging mirror of the files a resumed run appends to
     if info.is_main:
         log.info("run dir: %s", run_dir)
     steps_per_epoch = len(train_reader)
@@ -137,7 +139,7 @@ def _train(
     pos, trainer_state = resume(cfg, ckpt, info, dmp, optimizer, config_yaml)
     init_from = warm_start(cfg, info, dmp, optimizer, config_yaml) if not trainer_state else None
     if info.is_main:
-        (run_dir / "config.yaml").write_text(config_yaml)
+        (run_dir.local / "config.yaml").write_text(config_yaml)
     if "early_stop" in trainer_state:
         stopper.load_state_dict(trainer_state["early_stop"])
     select_best = cfg.trainer.early_stop.select_best
@@ -158,12 +160,16 @@ def _train(
             "train_steps": meter.train_steps,
             "early_stop": stopper.state_dict(),
         }
+        if info.is_main:
+            # a remote run dir: its log up to this step, before the checkpoint that a resume starts from
+            # (a resume drops the records after its checkpoint, never those before it)
+            run_dir.push()
         ckpt.save(pos.step, dmp, optimizer, state, config_yaml)
 
     # ---- the loop -------------------------------------------------------------------------------------
     # a resumed run's log continues from its checkpoint: records written after it (by the run that
     # crashed) are dropped, so metrics.jsonl holds each step once
-    runlog = RunLog(run_dir, enabled=info.is_main, resume_step=pos.step if trainer_state else None)
+    runlog = RunLog(run_dir.local, enabled=info.is_main, resume_step=pos.step if trainer_state else None)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, info.device, execute_all_batches=True)
 
     def validate() -> None:
@@ -191,7 +197,7 @@ def _train(
 
     show_bar = info.is_main and cfg.trainer.progress_bar and sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=pos.step, disable=not show_bar, desc="train")
-    profiler = StepProfiler(cfg.trainer.profile_steps, run_dir / "profile", enabled=info.is_main)
+    profiler = StepProfiler(cfg.trainer.profile_steps, run_dir.local / "profile", enabled=info.is_main)
     sync_debug = SyncDebugWindow(cfg.trainer.sync_debug_steps, info.device)
     dmp.train()
     while pos.step < total_steps and pos.epoch < cfg.trainer.epochs and not stopper.should_stop:
@@ -268,11 +274,13 @@ def _train(
     }
     if test_reader is not None:
         preds = (
-            run_dir / "predictions" / f"part-{info.rank:05d}.parquet"
+            run_dir.local / "predictions" / f"part-{info.rank:05d}.parquet"
             if cfg.trainer.save_predictions
             else None
         )
         summary.update(evaluate_inference_modes(dmp, test_reader, info.device, tasks, -1, preds))
+        if preds is not None:
+            run_dir.push(only=preds)  # each rank its own part
         summary["split"] = cfg.data.split
         runlog.log("test", selected, summary["test"])
         if info.is_main:
@@ -282,9 +290,11 @@ def _train(
     summary["dense_flops_per_sample"] = arch.flops_per_sample()  # all of it; activated: at serving
     summary["activated_flops_per_sample"] = arch.activated_flops_per_sample(summary.get("test", {}))
     if info.is_main:
-        write_json_atomic(run_dir / "metrics.json", summary)
-        log.info("metrics: %s", run_dir / "metrics.json")
+        write_json_atomic(run_dir.local / "metrics.json", summary)
+        log.info("metrics: %s", join(str(run_dir), "metrics.json"))
     runlog.close()
+    if info.is_main:
+        run_dir.push()
     torch.distributed.barrier()
     return summary
 
@@ -306,16 +316,16 @@ def resume(
     another world size or batch size, is refused (CheckpointError), never loaded or skipped."""
     explicit = cfg.trainer.resume not in ("auto", "none", "")
     if explicit:
-        candidates = [Path(cfg.trainer.resume)]
+        candidates = [cfg.trainer.resume]
     elif cfg.trainer.resume == "auto":
-        newest_first = [str(p) for p in reversed(complete_checkpoints(ckpt.root))]
-        candidates = [Path(p) for p in broadcast_object(newest_first)]  # rank 0's listing, on every rank
+        newest_first = list(reversed(complete_checkpoints(ckpt.root)))
+        candidates = broadcast_object(newest_first)  # rank 0's listing, on every rank
     else:
         candidates = []
     for i, path in enumerate(candidates):
         try:
             check_compatible(path, config_yaml)
-            meta = json.loads((path / "trainer.json").read_text())
+            meta = read_json(join(path, "trainer.json"))
             check_data_position(meta, cfg, info, path)
             meta = ckpt.load(path, dmp, optimizer)
             break
@@ -365,7 +375,7 @@ def warm_start(cfg: TrainConfig, info: DistInfo, dmp: Any, optimizer: Any, confi
     return str(path)
 
 
-def check_data_position(meta: dict[str, Any], cfg: TrainConfig, info: DistInfo, path: Path) -> None:
+def check_data_position(meta: dict[str, Any], cfg: TrainConfig, info: DistInfo, path: str) -> None:
     """Mid-epoch, the data position is only meaningful for the world size and batch size that saved it:
     each rank streams its own shard of the row groups in its own shuffled order. At an epoch boundary
     any world size resumes exactly (the next epoch reads every row once)."""
