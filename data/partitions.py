@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from data.decode import DataError
 from data.storage import display, is_dir, join, list_files
 
-_CONDITION = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(!=|>=|<=|=|>|<)\s*(\S.*?)\s*$")
+_CONDITION = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(!=|>=|<=|=|>|<)\s*([^\s=<>!].*?)\s*$")
 _OPS: dict[str, Callable[[object, object], bool]] = {
     "=": operator.eq,
     "!=": operator.ne,

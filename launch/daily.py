@@ -80,6 +80,8 @@ def train_day(
             f"trainer.init_from={quoted(init)}",
             f"trainer.init_optimizer={str(args.init_optimizer).lower()}",
         ]
+        if args.init_optimizer and not any(o.startswith("optim.dense.warmup_steps=") for o in args.overrides):
+            cmd.append("optim.dense.warmup_steps=0")  # a warm optimizer state needs no lr warmup
     run_job(cmd, run_dir, run_dir / "metrics.json")
 
 
