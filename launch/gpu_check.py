@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,6 +44,8 @@ class Mode:
     def of(name: str) -> Mode:
         if name == "cpu":
             return Mode("cpu", "cpu", "gloo", 2, 60_000, 512, 60, 20, "off")
+        import torch
+
         gpus = torch.cuda.device_count()
         # NCCL takes one rank per GPU: a 1-GPU box checks every step on one rank
         return Mode(name, "cuda", "cpu:gloo,cuda:nccl", max(1, min(gpus, 2)), 400_000, 1024, 200, 50, "bf16")
@@ -76,6 +76,8 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 600) -
 def torchrun(mode: Mode, script: str, *overrides: str, nproc: int | None = None, env=None) -> str:  # noqa: ANN001
     n = nproc or mode.nproc
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+    if n == 1:  # a plain process is a 1-rank group too (pipeline/dist.py), without the agent's start-up
+        cmd = [sys.executable]
     return run([*cmd, script, *overrides], env)
 
 
@@ -120,6 +122,8 @@ def checkpoint_of(run_dir: Path, step: int) -> Path:
 
 
 def step_stack(mode: Mode, out: Path) -> str:
+    import torch
+
     from pipeline.stack import current_stack, stack_problem
 
     problem = stack_problem(mode.device)
@@ -142,6 +146,8 @@ def step_data(mode: Mode, out: Path) -> str:
 def step_train(mode: Mode, out: Path) -> str:
     """make train's model for `train_steps` (bf16 on a GPU): finite losses, test mean AUC > 0.6, the start
     line's device and backend, fused kernels only, nothing left unpipelined; samples/s and dense MFU."""
+    import torch
+
     from launch.benchmarks.timing import measure_gemm_peak
 
     log = torchrun(
@@ -339,6 +345,8 @@ def step_moe(mode: Mode, out: Path) -> str:
 def step_logits(mode: Mode, out: Path) -> str:
     """The dense arch's task logits under bf16 autocast come out of fp32 heads: as many distinct values
     as fp32 logits, and the same AUC."""
+    import torch
+
     from data.metrics.auc import binary_auc
     from launch.benchmarks.dense import load_preset
     from models.rankmixer import RankMixer
@@ -368,6 +376,8 @@ def step_logits(mode: Mode, out: Path) -> str:
 def step_auc(mode: Mode, out: Path) -> str:
     """Exact AUC and UAUC of 100M rows on the GPU (2M in CPU mode)."""
     import time
+
+    import torch
 
     from data.metrics.auc import binary_auc, user_auc
 

@@ -126,11 +126,7 @@ def test_a_world_size_change_mid_epoch_is_refused_and_at_an_epoch_end_resumes(sm
         in line
     )
     assert "Resume with --nproc_per_node 2 data.batch_size=256" in line
-    one_rank = tmp_path / "one_rank"  # and 1 -> 2
-    ok(run(python_train(small_dataset, one_rank, "trainer.max_steps=10", "trainer.checkpoint_every=10",
-                        "trainer.final_eval=false", "trainer.eval_every=0")))  # fmt: skip
-    proc = run(torchrun_train(small_dataset, one_rank, "trainer.resume=auto", "trainer.max_steps=20"))
-    assert proc.returncode != 0 and "by 1 ranks of batch 256; on 2 ranks of batch 256" in error_lines(proc)[0]
+    # (1 -> 2 ranks takes the same check, pipeline/train_loop.py check_data_position: not run again here)
 
     # at an epoch end every row of the next epoch is read once, whatever the world size: it resumes
     epoch_end = tmp_path / "epoch_end"

@@ -34,6 +34,22 @@ def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return runs
 
 
+@pytest.fixture(scope="module")
+def artifacts(dataset: Path, trained: dict, tmp_path_factory: pytest.TempPathFactory):
+    """`artifacts(model, quantize)`: launch/export.py of a trained model, exported once per module (an
+    export traces the programs with torch.export: tens of seconds on 2 cores); (dir, export stdout)."""
+    done: dict[tuple[str, str], tuple[Path, str]] = {}
+
+    def get(model: str, quantize: str = "none") -> tuple[Path, str]:
+        if (model, quantize) not in done:
+            art = tmp_path_factory.mktemp("art") / f"{model}-{quantize}"
+            proc = ok(run(export_cmd(trained[model], dataset, art, f"quantize={quantize}")))
+            done[model, quantize] = art, proc.stdout
+        return done[model, quantize]
+
+    return get
+
+
 def predict_cmd(checkpoint: Path, dataset: Path, out: Path, *overrides: str, nproc: int = 2) -> list[str]:
     # one rank: a plain process (a 1-rank group, as under torchrun, without the agent's ~2 s)
     launcher = [*TORCHRUN, "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
@@ -132,13 +148,12 @@ def test_predict_bad_input_is_one_line_and_leaves_no_output(dataset: Path, train
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_exported_fp32_model_scores_as_the_trained_model(
-    dataset: Path, trained: dict, tmp_path: Path, model: str
+    dataset: Path, trained: dict, artifacts, tmp_path: Path, model: str
 ):
-    art = tmp_path / "art"
-    proc = ok(run(export_cmd(trained[model], dataset, art)))
+    art, stdout = artifacts(model)
     manifest = json.loads((art / "manifest.json").read_text())
-    assert manifest["parity"]["max_abs_logit_diff"] <= 1e-5, proc.stdout
-    assert "max |logit - training model's|" in proc.stdout
+    assert manifest["parity"]["max_abs_logit_diff"] <= 1e-5, stdout
+    assert "max |logit - training model's|" in stdout
     # the whole test split: the Predictor (no TorchRec) vs batch scoring of the sharded checkpoint
     pred = tmp_path / "pred"
     ok(run(predict_cmd(trained[model], dataset, pred, nproc=1)))
@@ -163,14 +178,10 @@ assert "torchrec" not in sys.modules, "the Predictor imported TorchRec"
         assert "rankmixer.sparse_moe_ffn" in str(torch.export.load(str(art / "dense.pt2")).graph)
 
 
-def test_longer_kv_cache_scores_many_candidates_per_user_as_the_full_forward(
-    dataset: Path, trained: dict, tmp_path: Path
-):
+def test_longer_kv_cache_scores_many_candidates_per_user_as_the_full_forward(dataset: Path, artifacts):
     from pipeline.predictor import Predictor
 
-    art = tmp_path / "art"
-    ok(run(export_cmd(trained["longer"], dataset, art)))
-    p = Predictor(art)
+    p = Predictor(artifacts("longer")[0])
     rows = pq.read_table(dataset / "test").slice(0, 64)
     seq_cols = [f.column for f in p.schema.sequence_features]
     cache = p.encode_users(rows.slice(0, 4).select(seq_cols))  # 4 users, their sequences only
@@ -184,15 +195,10 @@ def test_longer_kv_cache_scores_many_candidates_per_user_as_the_full_forward(
     assert np.abs(kv - p.predict(rows)).max() > 1e-4  # and it is the users' sequences that were used
 
 
-def test_int8_artifact_is_smaller_and_stays_within_the_auc_tolerance(
-    dataset: Path, trained: dict, tmp_path: Path
-):
+def test_int8_artifact_is_smaller_and_stays_within_the_auc_tolerance(dataset: Path, artifacts):
     from pipeline.predictor import Predictor
 
-    paths = {}
-    for q in ("none", "int8"):
-        paths[q] = tmp_path / q
-        ok(run(export_cmd(trained["rankmixer"], dataset, paths[q], f"quantize={q}")))
+    paths = {q: artifacts("rankmixer", q)[0] for q in ("none", "int8")}
     sizes = {q: (p / "embeddings.pt").stat().st_size for q, p in paths.items()}
     assert sizes["int8"] < 0.45 * sizes["none"], sizes  # 16-dim rows: 16 + 8 bytes vs 64 bytes
     test = pq.read_table(dataset / "test")
@@ -210,22 +216,23 @@ def test_int8_artifact_is_smaller_and_stays_within_the_auc_tolerance(
 def test_export_refuses_an_existing_out_and_a_missing_checkpoint(
     dataset: Path, trained: dict, tmp_path: Path
 ):
+    from pipeline.export import export
+
     out = tmp_path / "art"
     out.mkdir()
-    proc = run(export_cmd(trained["rankmixer"], dataset, out))
-    assert proc.returncode == 2 and "pass overwrite=true" in proc.stderr and not list(out.iterdir())
+    with pytest.raises(ValueError, match="pass overwrite=true"):  # checked before anything is loaded
+        export(trained["rankmixer"], out, data_root=str(dataset))
+    assert not list(out.iterdir())
     proc = run(export_cmd(tmp_path / "nowhere", dataset, tmp_path / "art2"))
     assert proc.returncode == 2 and str(tmp_path / "nowhere") in proc.stderr
     assert not (tmp_path / "art2").exists()
 
 
-def test_predictor_rejects_rows_the_model_cannot_score(dataset: Path, trained: dict, tmp_path: Path):
+def test_predictor_rejects_rows_the_model_cannot_score(dataset: Path, artifacts, tmp_path: Path):
     from data.decode import DataError
     from pipeline.predictor import ArtifactError, Predictor
 
-    art = tmp_path / "art"
-    ok(run(export_cmd(trained["rankmixer"], dataset, art)))
-    p = Predictor(art)
+    p = Predictor(artifacts("rankmixer")[0])
     rows = pq.read_table(dataset / "test").slice(0, 8)
     bad = rows.set_column(rows.column_names.index("item_id"), "item_id", pa.array([10**9] * 8, pa.int64()))
     with pytest.raises(DataError, match=r"input, column 'item_id': id 1000000000 outside \[0, 50000\)"):
