@@ -121,28 +121,43 @@ def test_predict_bad_input_is_one_line_and_leaves_no_output(dataset: Path, train
     assert errors == [f"error [rank 0]: DataError: {missing}"]
     assert not out.exists() and not list(tmp_path.glob(".pred.tmp-*"))
 
-    # data that does not match the checkpoint's schema: ids of the wrong type, ids out of the table's range
-    for name, column in (
-        ("float_ids", pa.array([1.5] * part.num_rows)),
-        ("big_ids", pa.array([10**7] * part.num_rows)),
+
+def test_predict_refuses_data_of_another_schema_and_replaces_an_out_only_when_asked(
+    dataset: Path, trained: dict, tmp_path: Path, one_rank_group
+):
+    # in this process (the launcher's one-line report of such an error: the test above)
+    from data.decode import DataError
+    from pipeline.config import PredictConfig, ScoreDataConfig
+    from pipeline.predict_job import run_predict
+
+    def predict(root: Path, out: Path, overwrite: bool = False) -> dict:
+        data = ScoreDataConfig(root=str(root), eval_batch_size=1024)
+        return run_predict(PredictConfig(checkpoint=str(trained["rankmixer"]), out=str(out), data=data,
+                                         overwrite=overwrite))  # fmt: skip
+
+    part = pq.read_table(dataset / "test" / "part-00000.parquet")
+    out = tmp_path / "pred"
+    # ids of the wrong type, ids out of the table's range
+    n = part.num_rows
+    for name, column, expected in (
+        ("float_ids", pa.array([1.5] * n), "'item_id' (row group: all) has type double, expected an integer"),
+        ("big_ids", pa.array([10**7] * n), "column 'item_id': id 10000000 outside [0, 50000) (row 0)"),
     ):
         (tmp_path / name / "test").mkdir(parents=True)
         edited = part.set_column(part.column_names.index("item_id"), "item_id", column)
         pq.write_table(edited, tmp_path / name / "test" / "p.parquet")
-        proc = run(predict_cmd(trained["rankmixer"], tmp_path / name, out, nproc=1))
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
-        expected = {"float_ids": "'item_id' (row group: all) has type double, expected an integer",
-                    "big_ids": "column 'item_id': id 10000000 outside [0, 50000) (row 0)"}[name]  # fmt: skip
-        assert proc.returncode != 0 and len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+        with pytest.raises(DataError) as err:
+            predict(tmp_path / name, out)
+        assert expected in str(err.value)
         assert not out.exists() and not list(tmp_path.glob(".pred.tmp-*"))
 
     # an existing `out` is never replaced unless asked
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = run(predict_cmd(trained["rankmixer"], dataset, out, nproc=1))
-    assert proc.returncode != 0 and "pass overwrite=true" in proc.stderr
+    with pytest.raises(ValueError, match="pass overwrite=true"):
+        predict(dataset, out)
     assert (out / "keep.txt").read_text() == "mine"
-    ok(run(predict_cmd(trained["rankmixer"], dataset, out, "overwrite=true", nproc=1)))
+    assert predict(dataset, out, overwrite=True)["rows"] == 5333
     assert not (out / "keep.txt").exists() and pq.read_table(out).num_rows == 5333
 
 
