@@ -1,9 +1,14 @@
 """Reader throughput: rows/s from Parquet to RecBatch (with prefetch) on one core.
 
     python launch/bench.py loader --root datasets/synthetic --batch-size 512 [--split train] [--max-batches N]
+        [--against-s3]
+
+`--root` is a path or a URI and `--split` a directory or a partition selection (data/partitions.py).
+`--against-s3` measures the same split twice in one run: from local disk, then from a local S3-compatible
+server (moto's, started here, the files uploaded to it), and reports the ratio.
 
 `bench_loader(args)` is the entry point `launch/bench.py loader` calls; `args` needs root, batch_size and
-optionally config, split, max_batches, threads, shuffle.
+optionally config, split, max_batches, threads, shuffle, against_s3.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
+
+from data.storage import display
 
 DEFAULT_CONFIG = "conf/data/synthetic.yaml"
 
@@ -22,7 +28,6 @@ def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow as pa
     import torch
 
-    from data.reader import ParquetReader
     from data.schema import Schema
 
     threads = int(getattr(args, "threads", 1))
@@ -32,9 +37,19 @@ def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
     pa.set_io_thread_count(threads)
 
     schema = Schema.load(getattr(args, "config", None) or DEFAULT_CONFIG)
-    split = Path(args.root) / getattr(args, "split", "train")
+    split = getattr(args, "split", "train")
+    if getattr(args, "against_s3", False):
+        return _against_s3(args, schema, split)
+    return _measure(args, schema, args.root, split, threads)
+
+
+def _measure(args: argparse.Namespace, schema: Any, root: str, split: str, threads: int) -> dict[str, Any]:
+    from data.partitions import split_files
+    from data.reader import ParquetReader
+
+    files = split_files(root, split)
     reader = ParquetReader(
-        split, schema, batch_size=args.batch_size, shuffle=getattr(args, "shuffle", True), prefetch=4
+        files, schema, batch_size=args.batch_size, shuffle=getattr(args, "shuffle", True), prefetch=4
     )
     max_batches = getattr(args, "max_batches", None) or len(reader)
     rows = values = n = 0
@@ -47,7 +62,8 @@ def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
             break
     dt = time.perf_counter() - t0
     result = {
-        "split": str(split),
+        "root": display(root),
+        "split": split,
         "batch_size": args.batch_size,
         "threads": threads,
         "batches": n,
@@ -60,15 +76,53 @@ def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _against_s3(args: argparse.Namespace, schema: Any, split: str) -> dict[str, Any]:
+    """The split from local disk, then from moto's S3 server on localhost (this process's threads serve
+    it, as a nearby object store would: every read is an HTTP range request)."""
+    import os
+
+    import boto3
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    from data.partitions import split_files
+
+    threads = int(getattr(args, "threads", 1))
+    local = _measure(args, schema, args.root, split, threads)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
+                          AWS_ENDPOINT_URL=f"http://{host}:{port}")  # fmt: skip
+        boto3.client("s3").create_bucket(Bucket="bench")
+        fs, _ = pafs.FileSystem.from_uri("s3://bench/")
+        root = os.path.abspath(args.root)
+        for f in split_files(args.root, split):
+            rel = os.path.relpath(f, root)
+            pafs.copy_files(f, f"bench/data/{rel}", destination_filesystem=fs)
+        remote = _measure(args, schema, "s3://bench/data", split, threads)
+    finally:
+        server.stop()
+    result = {
+        "local": local,
+        "s3": remote,
+        "s3_over_local": round(remote["rows_per_s"] / local["rows_per_s"], 3),
+    }
+    print(json.dumps({"s3_over_local": result["s3_over_local"]}))
+    return result
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's options; shared with `launch/bench.py loader`."""
-    ap.add_argument("--root", required=True, help="dataset root holding train/ valid/ test/")
+    ap.add_argument("--root", required=True, help="dataset root (a path or URI)")
     ap.add_argument("--config", default=DEFAULT_CONFIG)
     ap.add_argument("--split", default="train")
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--max-batches", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-shuffle", dest="shuffle", action="store_false")
+    ap.add_argument("--against-s3", action="store_true", help="also from a local S3 server; the ratio")
     return ap
 
 
