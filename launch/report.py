@@ -41,7 +41,7 @@ def print_report(summary: dict[str, Any], data_root: str, title: str | None = No
             print(f"{t:<10}{auc:>8.4f}{uauc:>8.4f}{uauc_w:>8.4f}")
     if summary.get("collapsed"):
         print(f"  COLLAPSED (constant predictions): {', '.join(summary['collapsed'])}")
-    if "selected_step" in summary and summary.get("valid") is None:
+    if "selected_step" in summary and "valid" in summary and summary["valid"] is None:
         print(
             f"  the final state (step {summary['steps']}; no validation split); "
             f"stopped: {summary['stop_reason']}"

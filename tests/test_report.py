@@ -35,3 +35,9 @@ def test_generated_data_reports_the_gap_to_its_oracle(tmp_path: Path, capsys: py
     print_report({**SUMMARY, "collapsed": ["like"]}, str(tmp_path))
     out = capsys.readouterr().out
     assert "oracle" in out and "-0.1000" in out and "COLLAPSED (constant predictions): like" in out
+
+
+def test_a_run_without_validation_reports_its_final_state(tmp_path: Path, capsys: pytest.CaptureFixture):
+    print_report({**SUMMARY, "valid": None, "stop_reason": "epochs"}, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "the final state (step 30; no validation split); stopped: epochs" in out and "selected" not in out
