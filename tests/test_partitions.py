@@ -101,3 +101,31 @@ def test_the_daily_mode_writes_one_partition_a_day_deterministically_with_drift(
     assert np.corrcoef(taste.ravel(), world.seg_cat.ravel())[0, 1] < 0.9  # tastes drifted
     for d in days:
         assert 0.6 < a["splits"][d]["oracle"]["finish"]["auc"] < 0.95
+
+
+def test_a_partitioned_split_reads_shards_shuffles_and_resumes_as_the_same_files_in_one_directory(
+    small_dataset: Path, synthetic_schema, tmp_path: Path
+):
+    from data.reader import ParquetReader
+    from tests.test_reader import _same
+
+    files = sorted((small_dataset / "train").glob("*.parquet"))
+    for i, f in enumerate(files):  # the same files, in the same order, over two day partitions
+        day = tmp_path / f"dt=2026-01-0{1 + i * 2 // len(files)}"
+        day.mkdir(exist_ok=True)
+        (day / f.name).write_bytes(f.read_bytes())
+
+    def batches(source, rank: int, start: int = 0) -> list:
+        r = ParquetReader(source, synthetic_schema, batch_size=200, rank=rank, world_size=2, seed=3)
+        r.set_epoch(1)
+        r.load_state_dict({"epoch": 1, "batches_yielded": start})
+        return list(r)
+
+    selection = split_files(str(tmp_path), "dt>=2026-01-01,dt<=2026-01-02")
+    assert len(selection) == len(files)
+    for rank in (0, 1):
+        directory, partitioned = batches(small_dataset / "train", rank), batches(selection, rank)
+        assert len(directory) == len(partitioned) > 5
+        assert all(_same(a, b) for a, b in zip(directory, partitioned))
+        resumed = batches(selection, rank, start=5)  # resume mid-epoch on the partitioned split
+        assert all(_same(a, b) for a, b in zip(resumed, directory[5:])) and len(resumed) == len(directory) - 5
