@@ -211,9 +211,12 @@ def step_sharding(mode: Mode, out: Path) -> str:
     result = {}
     for name in shardings(mode):
         run_dir = out / f"shard_{name}"
+        cut = (
+            [f"trainer.checkpoint_every={resume_cut(mode)}"] if name == "table_wise" else []
+        )  # step_resume's
         torchrun(mode, "launch/train.py", *train_overrides(
             mode, out, run_dir.name, f"trainer.resume={start}", f"trainer.max_steps={end}",
-            "trainer.autocast=off", *SHARDINGS[name]))  # fmt: skip
+            "trainer.autocast=off", *SHARDINGS[name], *cut))  # fmt: skip
         m = metrics(run_dir)
         result[name] = (train_losses(run_dir)[end], m["test"]["finish/auc"], m["test"]["skip/auc"])
     ref = result["table_wise"]
@@ -225,17 +228,20 @@ def step_sharding(mode: Mode, out: Path) -> str:
     )
 
 
+def resume_cut(mode: Mode) -> int:
+    """The step the table_wise comparison run also checkpoints at, halfway (a log step: log_every 10)."""
+    return mode.train_steps + mode.compare_steps // 20 * 10
+
+
 def step_resume(mode: Mode, out: Path) -> str:
-    """Cut the table_wise comparison run in half (at a log step) and resume it: the same train losses at
-    every log step after the cut, and the same test metrics."""
-    start = checkpoint_of(out / "train", mode.train_steps)
-    half = mode.train_steps + mode.compare_steps // 20 * 10  # log_every 10: windows after it align
-    end = mode.train_steps + mode.compare_steps
+    """Resume the table_wise comparison run from its checkpoint halfway, in a run dir of its own, as a job
+    restarted there would: the same train losses at every log step after the cut, and the same test
+    metrics as the uninterrupted run."""
+    half, end = resume_cut(mode), mode.train_steps + mode.compare_steps
     run_dir = out / "resumed"
     base = train_overrides(mode, out, run_dir.name, "trainer.autocast=off", *SHARDINGS["table_wise"])
-    torchrun(mode, "launch/train.py", *base, f"trainer.resume={start}", f"trainer.max_steps={half}",
-             "trainer.final_eval=false", f"trainer.checkpoint_every={half}")  # fmt: skip
-    torchrun(mode, "launch/train.py", *base, "trainer.resume=auto", f"trainer.max_steps={end}")
+    cut = checkpoint_of(out / "shard_table_wise", half)
+    torchrun(mode, "launch/train.py", *base, f"trainer.resume={cut}", f"trainer.max_steps={end}")
     whole, resumed = metrics(out / "shard_table_wise"), metrics(run_dir)
     # the test metrics of the final state (a logged train loss is a mean over its log window, which the
     # cut moves)

@@ -106,14 +106,11 @@ def two_table_schema() -> Schema:
     return Schema.from_dict(_TWO_TABLE_SCHEMA)
 
 
-@pytest.fixture
-def one_rank_group(monkeypatch: pytest.MonkeyPatch):
-    """A 1-rank gloo process group in this process. Its torchrun-style environment is set here through
-    monkeypatch, so it is undone afterwards: a later test's `python launch/train.py` must not inherit
-    RANK / WORLD_SIZE / MASTER_PORT from it."""
+def _join_one_rank_group(monkeypatch: pytest.MonkeyPatch):
+    """A 1-rank gloo process group in this process, its torchrun-style environment set through
+    monkeypatch (undone after the test: a later `python launch/train.py` must not inherit RANK /
+    WORLD_SIZE / MASTER_PORT from it)."""
     import socket
-
-    import torch.distributed as dist
 
     from pipeline.dist import init_distributed
 
@@ -123,6 +120,36 @@ def one_rank_group(monkeypatch: pytest.MonkeyPatch):
     env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     for key, value in {**env, "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(key, value)
-    info = init_distributed(device="cpu")
-    yield info
+    return init_distributed(device="cpu")
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch: pytest.MonkeyPatch):
+    """A 1-rank gloo process group in this process, for the whole test."""
+    import torch.distributed as dist
+
+    yield _join_one_rank_group(monkeypatch)
     dist.destroy_process_group()
+
+
+@pytest.fixture
+def evaluate_in_process(monkeypatch: pytest.MonkeyPatch):
+    """`evaluate_in_process(checkpoint, data_root) -> metrics.json`: `launch/eval.py`'s job
+    (`pipeline.eval_job.run_eval`) on a 1-rank group of this process, without a process start and its
+    imports. The group is joined at the first call, so the processes a test starts before it do not
+    inherit its environment. Tests that check the launcher itself run it as a process."""
+    import torch.distributed as dist
+
+    from pipeline.config import EvalConfig, ScoreDataConfig
+    from pipeline.eval_job import run_eval
+
+    def evaluate(checkpoint: Path, data_root: Path, output: Path | None = None) -> dict:
+        if not dist.is_initialized():
+            _join_one_rank_group(monkeypatch)
+        cfg = EvalConfig(checkpoint=str(checkpoint), data=ScoreDataConfig(root=str(data_root)))
+        cfg.output = str(output) if output else None
+        return run_eval(cfg)
+
+    yield evaluate
+    if dist.is_initialized():
+        dist.destroy_process_group()

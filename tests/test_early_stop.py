@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -100,7 +98,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_early_stopping_selects_the_best_validation_step_and_tests_its_checkpoint(
-    small_dataset: Path, tmp_path: Path
+    small_dataset: Path, tmp_path: Path, evaluate_in_process
 ):
     run_dir = tmp_path / "run"
     overrides = [f"data.root={small_dataset}", f"trainer.run_dir={run_dir}", "data.batch_size=256",
@@ -118,14 +116,8 @@ def test_early_stopping_selects_the_best_validation_step_and_tests_its_checkpoin
 
     # The test metrics are those of the best checkpoint, not of the final state.
     def eval_auc(step: int) -> float:
-        out = tmp_path / f"eval{step}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               "launch/eval.py", f"checkpoint={run_dir}/checkpoints/step_{step:08d}",
-               f"data.root={small_dataset}", f"output={out}"]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return json.loads((out / "metrics.json").read_text())["test"]["finish/auc"]
+        metrics = evaluate_in_process(run_dir / "checkpoints" / f"step_{step:08d}", small_dataset)
+        return metrics["test"]["finish/auc"]
 
     assert summary["test"]["finish/auc"] == pytest.approx(eval_auc(20), abs=1e-6)
     assert summary["test"]["finish/auc"] != pytest.approx(eval_auc(50), abs=1e-6)

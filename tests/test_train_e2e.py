@@ -51,19 +51,6 @@ def train_cmd(dataset: Path, run_dir: Path, *overrides: str, nproc: int = 2) -> 
     ]
 
 
-def eval_cmd(dataset: Path, checkpoint: Path, out: Path, *overrides: str) -> list[str]:
-    """`launch/eval.py` on 1 rank (a plain process: a 1-rank group, without torchrun's agent): the eval job
-    reshards whatever world size the checkpoint was saved on."""
-    return [
-        sys.executable,
-        "launch/eval.py",
-        f"checkpoint={checkpoint}",
-        f"data.root={dataset}",
-        f"output={out}",
-        *overrides,
-    ]
-
-
 def losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
@@ -122,7 +109,7 @@ def records(run_dir: Path, kind: str) -> dict[int, dict]:
 
 
 def test_sparse_moe_run_logs_routing_resumes_exactly_and_evaluates_sparse_and_dense(
-    dataset: Path, tmp_path: Path
+    dataset: Path, tmp_path: Path, evaluate_in_process
 ):
     steps = 20
     full = tmp_path / "full"
@@ -146,9 +133,7 @@ def test_sparse_moe_run_logs_routing_resumes_exactly_and_evaluates_sparse_and_de
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
     assert a[40]["aux_loss"] > 0 and 0 < a[40]["moe/active_ratio"] <= 1
 
-    out = tmp_path / "eval1"
-    ok(run(eval_cmd(dataset, full, out)))
-    evaluated = json.loads((out / "metrics.json").read_text())
+    evaluated = evaluate_in_process(full, dataset)
     trained = json.loads((full / "metrics.json").read_text())
     for mode in ("test", "test_dense_inference"):  # serving (sparse) and all-experts (dense) inference
         for key in ("finish/auc", "skip/uauc"):
@@ -169,7 +154,7 @@ def test_model_override_of_a_preset_field_is_type_checked():
 
 @pytest.mark.parametrize("model", ["dlrm", "dcnv2", "autoint", "wukong", "mmoe"])
 def test_baseline_dense_arch_trains_pipelined_and_its_checkpoint_evaluates_alike(
-    dataset: Path, tmp_path: Path, model: str
+    dataset: Path, tmp_path: Path, model: str, evaluate_in_process
 ):
     # one process each (a 1-rank group): every arch trains pipelined on 2 ranks in test_pipelined_graphs
     run_dir = tmp_path / model
@@ -178,10 +163,7 @@ def test_baseline_dense_arch_trains_pipelined_and_its_checkpoint_evaluates_alike
     assert "will be pipelined" in proc.stderr and "will NOT be pipelined" not in proc.stderr
     trained = json.loads((run_dir / "metrics.json").read_text())
     assert trained["activated_flops_per_sample"] == trained["dense_flops_per_sample"] > 0
-    out = tmp_path / f"{model}-eval"
-    # the checkpoint's config rebuilds the same arch
-    ok(run(eval_cmd(dataset, run_dir, out)))
-    evaluated = json.loads((out / "metrics.json").read_text())
+    evaluated = evaluate_in_process(run_dir, dataset)  # the checkpoint's config rebuilds the same arch
     assert evaluated["test"]["finish/auc"] == pytest.approx(trained["test"]["finish/auc"], abs=1e-5)
 
 
@@ -194,7 +176,7 @@ LONGER = [
 
 
 def test_longer_sequence_arch_trains_sharded_resumes_exactly_and_evaluates_on_one_rank(
-    dataset: Path, tmp_path: Path
+    dataset: Path, tmp_path: Path, evaluate_in_process
 ):
     steps = 10
     full = tmp_path / "full"
@@ -215,8 +197,6 @@ def test_longer_sequence_arch_trains_sharded_resumes_exactly_and_evaluates_on_on
     a, b = losses(full), losses(part)
     for step in (2 * steps,):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
-    out = tmp_path / "eval1"
-    ok(run(eval_cmd(dataset, full, out)))
-    evaluated = json.loads((out / "metrics.json").read_text())
+    evaluated = evaluate_in_process(full, dataset)
     trained = json.loads((full / "metrics.json").read_text())
     assert evaluated["test"]["finish/auc"] == pytest.approx(trained["test"]["finish/auc"], abs=1e-5)
