@@ -79,6 +79,7 @@ def _measure(args: argparse.Namespace, schema: Any, root: str, split: str, threa
 def _against_s3(args: argparse.Namespace, schema: Any, split: str) -> dict[str, Any]:
     """The split from local disk, then from moto's S3 server on localhost (this process's threads serve
     it, as a nearby object store would: every read is an HTTP range request)."""
+    import logging
     import os
 
     import boto3
@@ -89,6 +90,7 @@ def _against_s3(args: argparse.Namespace, schema: Any, split: str) -> dict[str, 
 
     threads = int(getattr(args, "threads", 1))
     local = _measure(args, schema, args.root, split, threads)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the server's line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
