@@ -84,6 +84,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # Readers first: every split's files, columns and types are checked before a run dir is created.
     train_reader = make_reader(cfg, schema, info, cfg.data.train_split, train=True)
     validates = cfg.data.valid_split not in ("", "none")
+    if not validates and info.is_main and cfg.trainer.early_stop.patience > 0:
+        log.warning(
+            "data.valid_split=none: trainer.early_stop.patience=%d has no validation to stop on; the run "
+            "trains its steps and the final state is the model",
+            cfg.trainer.early_stop.patience,
+        )
     valid_reader = make_reader(cfg, schema, info, cfg.data.valid_split, train=False) if validates else None
     test_reader = (
         make_reader(cfg, schema, info, cfg.data.split, train=False) if cfg.trainer.final_eval else None
