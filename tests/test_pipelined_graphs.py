@@ -54,6 +54,7 @@ class Combo:
     l2: float
     ffn: str | None = None  # RankMixer's model.dense.ffn; None: the preset's (per_token)
     eval_every: int = 0  # > 0: validate mid-epoch (the pipeline detaches, then re-attaches)
+    final_eval: bool = False  # evaluate the test split at the end (metrics.json "test")
 
     @property
     def name(self) -> str:
@@ -68,6 +69,8 @@ class Combo:
             out.append(f"model.dense.ffn={self.ffn}")  # smoe's expert settings: RankMixerConfig defaults
         if self.eval_every:
             out += [f"trainer.eval_every={self.eval_every}", "trainer.eval_max_batches=1"]
+        if self.final_eval:
+            out.append("trainer.final_eval=true")
         return out
 
 
@@ -75,8 +78,10 @@ PRESETS = [PRESET_OF_ARCH.get(arch, arch) for arch in DENSE_ARCHS]
 # The embedding L2 term is traced in the wrapper and the sparse arch, the same around every dense arch, and
 # it interacts with the sequence mode (LONGER's once broke the trace): l2 > 0 for every sequence mode
 # through RankMixer (per-token and Sparse-MoE FFN), l2 = 0 for every dense arch x sequence mode.
+# The mean-pooled combination of every arch also evaluates its test split, so its checkpoint can be scored
+# again on one rank (test_every_dense_archs_checkpoint_scores_on_one_rank_as_its_training_job_did).
 GRAPH_COMBOS = (
-    [Combo(p, s, 0.0) for p in PRESETS for s in SEQUENCE_MODES]
+    [Combo(p, s, 0.0, final_eval=s == "mean_pool") for p in PRESETS for s in SEQUENCE_MODES]
     + [Combo("rankmixer_tiny", s, L2S[1]) for s in SEQUENCE_MODES]
     + [Combo("rankmixer_tiny", s, l2, ffn="smoe") for s in SEQUENCE_MODES for l2 in L2S]
 )
@@ -182,3 +187,20 @@ def test_graph_changing_model_choice_trains_pipelined_on_two_ranks(runs: Runs, c
 @pytest.mark.parametrize("combo", VALIDATED_COMBOS, ids=lambda c: c.name)
 def test_training_continues_pipelined_after_a_mid_epoch_validation(runs: Runs, combo: Combo):
     assert_trained_pipelined(runs, combo)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_dense_archs_checkpoint_scores_on_one_rank_as_its_training_job_did(
+    runs: Runs, preset: str, small_dataset: Path, evaluate_in_process
+):
+    """The checkpoint's config rebuilds the same arch (the eval job reads it back typed), DCP reshards
+    its 2-rank tables onto 1 rank, and the scores are the training job's own final evaluation."""
+    combo = next(c for c in GRAPH_COMBOS if c.preset == preset and c.final_eval and c.ffn is None)
+    assert_trained_pipelined(runs, combo)
+    run_dir = runs.out / "runs" / combo.name
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert trained["activated_flops_per_sample"] == trained["dense_flops_per_sample"] > 0
+    evaluated = evaluate_in_process(run_dir, small_dataset)
+    assert evaluated["test"]["finish/auc"] == pytest.approx(trained["test"]["finish/auc"], abs=1e-5)
+    assert evaluated["test"]["skip/uauc"] == pytest.approx(trained["test"]["skip/uauc"], abs=1e-5)

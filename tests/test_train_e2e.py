@@ -152,21 +152,6 @@ def test_model_override_of_a_preset_field_is_type_checked():
         compose_train(["model.dense.moe.num_experts=many"])
 
 
-@pytest.mark.parametrize("model", ["dlrm", "dcnv2", "autoint", "wukong", "mmoe"])
-def test_baseline_dense_arch_trains_pipelined_and_its_checkpoint_evaluates_alike(
-    dataset: Path, tmp_path: Path, model: str, evaluate_in_process
-):
-    # one process each (a 1-rank group): every arch trains pipelined on 2 ranks in test_pipelined_graphs
-    run_dir = tmp_path / model
-    overrides = (f"model={model}", "trainer.max_steps=8", "trainer.eval_every=0")
-    proc = ok(run([sys.executable, *train_cmd(dataset, run_dir, *overrides)[len(TORCHRUN) + 2 :]]))
-    assert "will be pipelined" in proc.stderr and "will NOT be pipelined" not in proc.stderr
-    trained = json.loads((run_dir / "metrics.json").read_text())
-    assert trained["activated_flops_per_sample"] == trained["dense_flops_per_sample"] > 0
-    evaluated = evaluate_in_process(run_dir, dataset)  # the checkpoint's config rebuilds the same arch
-    assert evaluated["test"]["finish/auc"] == pytest.approx(trained["test"]["finish/auc"], abs=1e-5)
-
-
 LONGER = [
     "model.sequence=longer",
     "model.longer.dim=16",
