@@ -58,6 +58,8 @@ def quoted(value: object) -> str:
 
 
 def torchrun(nproc: int) -> list[str]:
+    if nproc == 1:  # a plain process is a 1-rank group too (pipeline/dist.py), without the agent's start
+        return [sys.executable]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
 
 
@@ -115,7 +117,8 @@ def run_job(cmd: list[str], where: Path, product: Path, log_name: str = "job.log
     t0 = time.time()
     code = run_process(cmd, log)
     if code != 0 or not product.is_file():
-        raise SystemExit(f"error: {' '.join(cmd[5:7])} for {where} failed (exit {code}); log: {log}")
+        script = next((c for c in cmd if c.startswith("launch/")), cmd[0])
+        raise SystemExit(f"error: {script} for {where} failed (exit {code}); log: {log}")
     print(f"  {where.name}: done in {time.time() - t0:.0f} s", flush=True)
 
 
