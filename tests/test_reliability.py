@@ -96,8 +96,9 @@ def test_resume_auto_skips_a_truncated_newest_checkpoint_and_the_log_has_each_st
 ):
     full, part = tmp_path / "full", tmp_path / "part"
     args = ("trainer.checkpoint_every=10", "trainer.eval_every=0", "trainer.final_eval=false")
-    ok(run(python_train(small_dataset, full, "trainer.max_steps=30", *args)))
-    ok(run(python_train(small_dataset, part, "trainer.max_steps=20", *args)))
+    ok(run(python_train(small_dataset, full, "trainer.max_steps=30", "trainer.keep_last=3", *args)))
+    # a run that stopped at step 20 (its log and checkpoints as full's were then), whose newest is torn
+    shutil.copytree(full, part, ignore=shutil.ignore_patterns("step_00000030", "metrics.json"))
     first_seconds = json.loads((part / "checkpoints" / "step_00000010" / "trainer.json").read_text())
     newest = part / "checkpoints" / "step_00000020"
     shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
