@@ -133,23 +133,46 @@ def one_rank_group(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
-def evaluate_in_process(monkeypatch: pytest.MonkeyPatch):
-    """`evaluate_in_process(checkpoint, data_root) -> metrics.json`: `launch/eval.py`'s job
-    (`pipeline.eval_job.run_eval`) on a 1-rank group of this process, without a process start and its
-    imports. The group is joined at the first call, so the processes a test starts before it do not
-    inherit its environment. Tests that check the launcher itself run it as a process."""
+def lazy_one_rank_group(monkeypatch: pytest.MonkeyPatch):
+    """`join()`: a 1-rank gloo group in this process, joined at the first call, so the processes a test
+    starts before that do not inherit its environment; left at the end of the test."""
     import torch.distributed as dist
 
+    def join() -> None:
+        if not dist.is_initialized():
+            _join_one_rank_group(monkeypatch)
+
+    yield join
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def evaluate_in_process(lazy_one_rank_group):
+    """`evaluate_in_process(checkpoint, data_root) -> metrics.json`: `launch/eval.py`'s job
+    (`pipeline.eval_job.run_eval`) in this process, without a process start and its imports. Tests that
+    check the launcher itself run it as a process."""
     from pipeline.config import EvalConfig, ScoreDataConfig
     from pipeline.eval_job import run_eval
 
-    def evaluate(checkpoint: Path, data_root: Path, output: Path | None = None) -> dict:
-        if not dist.is_initialized():
-            _join_one_rank_group(monkeypatch)
-        cfg = EvalConfig(checkpoint=str(checkpoint), data=ScoreDataConfig(root=str(data_root)))
-        cfg.output = str(output) if output else None
-        return run_eval(cfg)
+    def evaluate(checkpoint: Path, data_root: Path) -> dict:
+        lazy_one_rank_group()
+        return run_eval(EvalConfig(checkpoint=str(checkpoint), data=ScoreDataConfig(root=str(data_root))))
 
-    yield evaluate
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    return evaluate
+
+
+@pytest.fixture
+def predict_in_process(lazy_one_rank_group):
+    """`predict_in_process(checkpoint, data_root, out, overwrite=False) -> _predict.json`:
+    `launch/predict.py`'s job (`pipeline.predict_job.run_predict`) in this process."""
+    from pipeline.config import PredictConfig, ScoreDataConfig
+    from pipeline.predict_job import run_predict
+
+    def predict(checkpoint: Path, data_root: Path, out: Path, overwrite: bool = False) -> dict:
+        lazy_one_rank_group()
+        data = ScoreDataConfig(root=str(data_root), eval_batch_size=1024)
+        cfg = PredictConfig(checkpoint=str(checkpoint), out=str(out), data=data, overwrite=overwrite)
+        return run_predict(cfg)
+
+    return predict

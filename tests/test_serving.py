@@ -123,17 +123,13 @@ def test_predict_bad_input_is_one_line_and_leaves_no_output(dataset: Path, train
 
 
 def test_predict_refuses_data_of_another_schema_and_replaces_an_out_only_when_asked(
-    dataset: Path, trained: dict, tmp_path: Path, one_rank_group
+    dataset: Path, trained: dict, tmp_path: Path, predict_in_process
 ):
     # in this process (the launcher's one-line report of such an error: the test above)
     from data.decode import DataError
-    from pipeline.config import PredictConfig, ScoreDataConfig
-    from pipeline.predict_job import run_predict
 
     def predict(root: Path, out: Path, overwrite: bool = False) -> dict:
-        data = ScoreDataConfig(root=str(root), eval_batch_size=1024)
-        return run_predict(PredictConfig(checkpoint=str(trained["rankmixer"]), out=str(out), data=data,
-                                         overwrite=overwrite))  # fmt: skip
+        return predict_in_process(trained["rankmixer"], root, out, overwrite)
 
     part = pq.read_table(dataset / "test" / "part-00000.parquet")
     out = tmp_path / "pred"
@@ -163,7 +159,7 @@ def test_predict_refuses_data_of_another_schema_and_replaces_an_out_only_when_as
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_exported_fp32_model_scores_as_the_trained_model(
-    dataset: Path, trained: dict, artifacts, tmp_path: Path, model: str
+    dataset: Path, trained: dict, artifacts, tmp_path: Path, model: str, predict_in_process
 ):
     art, stdout = artifacts(model)
     manifest = json.loads((art / "manifest.json").read_text())
@@ -171,7 +167,7 @@ def test_exported_fp32_model_scores_as_the_trained_model(
     assert "max |logit - training model's|" in stdout
     # the whole test split: the Predictor (no TorchRec) vs batch scoring of the sharded checkpoint
     pred = tmp_path / "pred"
-    ok(run(predict_cmd(trained[model], dataset, pred, nproc=1)))
+    predict_in_process(trained[model], dataset, pred)  # launch/predict.py's job, in this process
     pred_table = pq.read_table(pred)
     check = f"""
 import sys, numpy as np, pyarrow.parquet as pq
