@@ -34,7 +34,7 @@ from typing import Any
 from data.partitions import partition_values
 from data.storage import display, list_files
 from launch.report import oracle_metrics
-from launch.sweep.runner import run_process
+from launch.sweep.runner import launcher, run_process
 
 STRATEGIES = ("incremental", "retrain", "frozen")
 
@@ -57,17 +57,11 @@ def quoted(value: object) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def torchrun(nproc: int) -> list[str]:
-    if nproc == 1:  # a plain process is a 1-rank group too (pipeline/dist.py), without the agent's start
-        return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-
-
 def train_day(
     args: argparse.Namespace, run_dir: Path, train_days: list[str], test_day: str | None, init: Path | None
 ) -> None:
     cmd = [
-        *torchrun(args.nproc),
+        *launcher(args.nproc),
         "launch/train.py",
         *args.overrides,
         f"data.root={quoted(args.root)}",
@@ -89,7 +83,7 @@ def train_day(
 
 def eval_day(args: argparse.Namespace, model: Path, out: Path, test_day: str) -> None:
     cmd = [
-        *torchrun(args.nproc),
+        *launcher(args.nproc),
         "launch/eval.py",
         f"checkpoint={quoted(model)}",
         f"data.root={quoted(args.root)}",

@@ -116,9 +116,8 @@ def run_cell(
         shutil.rmtree(run_dir)
     log = run_dir.with_name(run_dir.name + ".log")  # not with_suffix: "lr_0.003-seed0" has a "."
     log.parent.mkdir(parents=True, exist_ok=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd = [
-        *torchrun,
+        *launcher(nproc),
         "launch/train.py",
         *cell_overrides,
         f"trainer.seed={seed}",
@@ -131,6 +130,14 @@ def run_cell(
         return None
     print(f"  done in {time.time() - t0:.0f} s", flush=True)
     return json.loads(metrics.read_text())
+
+
+def launcher(nproc: int) -> list[str]:
+    """The command that starts a job on `nproc` local processes: torchrun, or for one process a plain
+    python (a 1-rank group too, pipeline/dist.py, without the agent's start-up)."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
 
 
 POLL_S = 2.0  # how often a running job's monitor looks at its metrics.jsonl
