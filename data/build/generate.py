@@ -83,21 +83,23 @@ def _check_range(f: SparseFeature | SequenceFeature, v: np.ndarray) -> None:
         )
 
 
-def _write_split(world: World, schema: Schema, split_no: int, split: str, out: Path) -> dict[str, Any]:
-    """One split's part files under `out`, file f from rng(seed, split_no, f); returns its json entry."""
+def _write_files(
+    world: World, schema: Schema, out: Path, name: str, rows: int, files: int, stream: int, first_row: int
+) -> dict[str, Any]:
+    """`rows` impressions as `out/<name>/part-*.parquet` (`files` files), file f from rng(seed, stream, f),
+    row ids from `first_row`; returns the json entry: files, positive rates and the oracle."""
     p = world.p
-    rows = getattr(p, f"rows_{split}")
     oracle_parts: list[pa.Table] = []
 
     def tables() -> Iterator[pa.Table]:
-        start = 0
-        for f, n in enumerate(part_sizes(rows, getattr(p, f"files_{split}"))):
-            table = to_table(world.rows(n, np.random.default_rng([p.seed, split_no, f]), start), schema)
+        start = first_row
+        for f, n in enumerate(part_sizes(rows, files)):
+            table = to_table(world.rows(n, np.random.default_rng([p.seed, stream, f]), start), schema)
             oracle_parts.append(table.select(oracle_columns(schema)))
             start += n
             yield table
 
-    parts = write_parts(out, split, tables(), p.row_groups_per_file)
+    parts = write_parts(out, name, tables(), p.row_groups_per_file)
     oracle = pa.concat_tables(oracle_parts)
     return {
         "rows": rows,
@@ -105,6 +107,13 @@ def _write_split(world: World, schema: Schema, split_no: int, split: str, out: P
         "positive_rate": {t: float(np.mean(oracle.column(t).to_numpy())) for t in schema.labels},
         "oracle": oracle_metrics(oracle, schema),
     }
+
+
+def _write_split(world: World, schema: Schema, split_no: int, split: str, out: Path) -> dict[str, Any]:
+    """One split's part files under `out`, file f from rng(seed, split_no, f); returns its json entry."""
+    p = world.p
+    rows, files = getattr(p, f"rows_{split}"), getattr(p, f"files_{split}")
+    return _write_files(world, schema, out, split, rows, files, stream=split_no, first_row=0)
 
 
 def day_partitions(p: GenParams) -> list[str]:
@@ -118,25 +127,17 @@ def _write_day(world: World, schema: Schema, day: int, partition: str, out: Path
     after the world has drifted to that day; returns its json entry with the day's oracle."""
     p = world.p
     world.advance(day)
-    oracle_parts: list[pa.Table] = []
-
-    def tables() -> Iterator[pa.Table]:
-        start = day * p.rows_train
-        for f, n in enumerate(part_sizes(p.rows_train, p.files_train)):
-            table = to_table(world.rows(n, np.random.default_rng([p.seed, 100 + day, f]), start), schema)
-            oracle_parts.append(table.select(oracle_columns(schema)))
-            start += n
-            yield table
-
-    parts = write_parts(out, partition, tables(), p.row_groups_per_file)
-    oracle = pa.concat_tables(oracle_parts)
-    return {
-        "rows": p.rows_train,
-        **parts,
-        "items_on_offer": int((world.item_launch <= day).sum()),
-        "positive_rate": {t: float(np.mean(oracle.column(t).to_numpy())) for t in schema.labels},
-        "oracle": oracle_metrics(oracle, schema),
-    }
+    entry = _write_files(
+        world,
+        schema,
+        out,
+        partition,
+        p.rows_train,
+        p.files_train,
+        stream=100 + day,
+        first_row=day * p.rows_train,
+    )
+    return {**entry, "items_on_offer": int((world.item_launch <= day).sum())}
 
 
 def oracle_columns(schema: Schema) -> list[str]:
