@@ -16,6 +16,7 @@ class RecBatch(Pipelineable):
     labels: torch.Tensor  # (B, n_tasks) float32, schema.labels order
     user_id: torch.Tensor  # (B,) int64, the raw user id column
     mask: torch.Tensor  # (B,) bool, False for padding rows (reader policy "pad")
+    weight: torch.Tensor  # (B,) float32, each row's share of the loss and metrics: 0 for padding rows
     # ID features looked up unpooled (sequence=longer: the sequence features and every feature sharing a
     # table with them), keys = SparseArch.input_keys(...)[1]; None when the model pools everything
     sequence: KeyedJaggedTensor | None = None
@@ -32,6 +33,7 @@ class RecBatch(Pipelineable):
             labels=self.labels.to(device=device, non_blocking=non_blocking),
             user_id=self.user_id.to(device=device, non_blocking=non_blocking),
             mask=self.mask.to(device=device, non_blocking=non_blocking),
+            weight=self.weight.to(device=device, non_blocking=non_blocking),
             sequence=None if seq is None else seq.to(device=device, non_blocking=non_blocking),
         )
 
@@ -41,6 +43,7 @@ class RecBatch(Pipelineable):
         self.labels.record_stream(stream)
         self.user_id.record_stream(stream)
         self.mask.record_stream(stream)
+        self.weight.record_stream(stream)
         if self.sequence is not None:
             self.sequence.record_stream(stream)
 
@@ -51,5 +54,6 @@ class RecBatch(Pipelineable):
             labels=self.labels.pin_memory(),
             user_id=self.user_id.pin_memory(),
             mask=self.mask.pin_memory(),
+            weight=self.weight.pin_memory(),
             sequence=None if self.sequence is None else self.sequence.pin_memory(),
         )

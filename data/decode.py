@@ -47,6 +47,7 @@ class Chunk:
     dense: np.ndarray  # (n, Nd) float32
     labels: np.ndarray  # (n, T) float32
     user_id: np.ndarray  # (n,) int64
+    weight: np.ndarray  # (n,) float32, the schema's sample-weight column (1 without one)
     offsets: list[np.ndarray]  # per key (n + 1,) int64, offsets[k][0] == 0
     values: list[np.ndarray]  # per key (offsets[k][-1],) int64
 
@@ -60,6 +61,7 @@ class Chunk:
             self.dense[a:b],
             self.labels[a:b],
             self.user_id[a:b],
+            self.weight[a:b],
             [o[a : b + 1] - o[a] for o in self.offsets],
             [v[o[a] : o[b]] for o, v in zip(self.offsets, self.values)],
         )
@@ -71,7 +73,7 @@ class Chunk:
             o2, gather = _jagged_gather(o[idx], o[idx + 1] - o[idx])
             offs.append(o2)
             vals.append(v[gather])
-        return Chunk(self.dense[idx], self.labels[idx], self.user_id[idx], offs, vals)
+        return Chunk(self.dense[idx], self.labels[idx], self.user_id[idx], self.weight[idx], offs, vals)
 
     @staticmethod
     def concat(chunks: Sequence[Chunk]) -> Chunk:
@@ -90,6 +92,7 @@ class Chunk:
             np.concatenate([c.dense for c in chunks]),
             np.concatenate([c.labels for c in chunks]),
             np.concatenate([c.user_id for c in chunks]),
+            np.concatenate([c.weight for c in chunks]),
             offs,
             vals,
         )
@@ -109,7 +112,8 @@ class Chunk:
     def to_batch(
         self, keys: Sequence[str], mask: np.ndarray, split: tuple[Sequence[str], Sequence[str]] | None = None
     ) -> RecBatch:
-        """`split` = (pooled keys, unpooled keys): two KJTs, `sparse` and `sequence`; None: one KJT."""
+        """`split` = (pooled keys, unpooled keys): two KJTs, `sparse` and `sequence`; None: one KJT. Rows
+        with mask False (padding) get weight 0."""
         from data.batch import RecBatch  # not at import: serving (pipeline/predictor.py) needs no TorchRec
 
         sparse_keys, sequence_keys = split if split is not None else (keys, ())
@@ -119,6 +123,7 @@ class Chunk:
             labels=torch.from_numpy(np.ascontiguousarray(self.labels)),
             user_id=torch.from_numpy(np.ascontiguousarray(self.user_id)),
             mask=torch.from_numpy(mask),
+            weight=torch.from_numpy(np.where(mask, self.weight, np.float32(0))),
             sequence=self.kjt(keys, sequence_keys) if sequence_keys else None,
         )
 
@@ -150,6 +155,8 @@ def _expected_types(schema: Schema, labels: bool = True) -> dict[str, tuple[str,
     for lab in schema.labels if labels else ():
         out[lab] = numeric
     out[schema.user_id] = ("an integer", _is_int)
+    if labels and schema.weight is not None:
+        out[schema.weight] = numeric
     for f in schema.dense:
         out[f.column] = numeric
     for f in schema.sparse:
@@ -207,21 +214,15 @@ class Decoder:
         n = table.num_rows
         col = {name: table.column(name).combine_chunks() for name in s.columns(self.labels)}
 
-        labels = np.zeros((n, len(s.labels)), dtype=np.float32)  # (n, T)
-        for j, lab in enumerate(s.labels if self.labels else ()):
-            arr = col[lab]
-            self._no_nulls(arr, where, lab)
-            v = arr.to_numpy(zero_copy_only=False).astype(np.float32)
-            bad = np.flatnonzero((v != 0) & (v != 1))
-            if len(bad):
-                raise DataError(
-                    f"{where}, column {lab!r}: label must be 0 or 1, got {float(v[bad[0]])!r} (row {bad[0]})"
-                )
-            labels[:, j] = v
+        labels = self.labels_of(table, where) if self.labels else np.zeros((n, len(s.labels)), np.float32)
 
         uid = col[s.user_id]
         self._no_nulls(uid, where, s.user_id)
         user_id = uid.to_numpy(zero_copy_only=False).astype(np.int64)
+
+        weight = np.ones(n, dtype=np.float32)
+        if self.labels and s.weight is not None:
+            weight = self._weights(col[s.weight], where, s.weight)
 
         dense = np.empty((n, s.dense_dim), dtype=np.float32)  # (n, Nd)
         j = 0
@@ -249,7 +250,22 @@ class Decoder:
             offsets.append(o)
             values.append(v)
         self._check_aligned(offsets[len(s.sparse) :], where)
-        return Chunk(dense, labels, user_id, offsets, values)
+        return Chunk(dense, labels, user_id, weight, offsets, values)
+
+    def labels_of(self, table: pa.Table, where: str) -> np.ndarray:
+        """(n, T) float32 0/1 labels of a table holding (at least) the label columns, checked."""
+        labels = np.zeros((table.num_rows, len(self.schema.labels)), dtype=np.float32)  # (n, T)
+        for j, lab in enumerate(self.schema.labels):
+            arr = table.column(lab).combine_chunks()
+            self._no_nulls(arr, where, lab)
+            v = arr.to_numpy(zero_copy_only=False).astype(np.float32)
+            bad = np.flatnonzero((v != 0) & (v != 1))
+            if len(bad):
+                raise DataError(
+                    f"{where}, column {lab!r}: label must be 0 or 1, got {float(v[bad[0]])!r} (row {bad[0]})"
+                )
+            labels[:, j] = v
+        return labels
 
     def _check_aligned(self, offsets: list[np.ndarray], where: str) -> None:
         """Sequence columns are aligned by position: every row has the same length in each of them."""
@@ -304,6 +320,18 @@ class Decoder:
         keep = np.minimum(lens, max_len)
         new_off, gather = _jagged_gather(offsets[1:] - keep, keep)
         return new_off, v[gather]
+
+    def _weights(self, arr: pa.Array, where: str, column: str) -> np.ndarray:
+        """The sample weights: finite and >= 0 (a weight of 0 drops the row from loss and metrics)."""
+        self._no_nulls(arr, where, column)
+        v = arr.to_numpy(zero_copy_only=False).astype(np.float32)
+        bad = np.flatnonzero(~np.isfinite(v) | (v < 0))
+        if len(bad):
+            raise DataError(
+                f"{where}, column {column!r}: sample weight must be a finite number >= 0, got "
+                f"{float(v[bad[0]])!r} (row {bad[0]})"
+            )
+        return v
 
     @staticmethod
     def _no_nulls(arr: pa.Array, where: str, column: str) -> None:

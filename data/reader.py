@@ -19,6 +19,10 @@ Design choices, in the order the data meets them:
 - Validation (data.decode). File schemas are checked when the reader is built (metadata only: a typo'd
   column fails before training starts); values are checked per row group as it is decoded. Every problem
   raises DataError naming the file, row group, column and offending value.
+- Negative down-sampling (negative_rate r < 1, training). A row whose labels are all 0 is kept when
+  splitmix64(seed, its position in the split) falls below r; every other row is kept. The choice depends on
+  the row and the seed only (not on rank, epoch or resume point), and the kept counts per row group are
+  read from the label columns when the reader is built, so batch counts and exact resume work as without.
 - Prefetch. Decoding and batch assembly run in a background thread (pyarrow and numpy release the GIL)
   feeding a bounded queue; an exception there is re-raised in the consumer; abandoning the iterator stops
   the thread.
@@ -38,6 +42,7 @@ import pyarrow.parquet as pq
 
 from data.batch import RecBatch
 from data.decode import Chunk, DataError, Decoder, check_file, open_parquet
+from data.hashing import splitmix64
 from data.schema import Schema
 from data.storage import display, exists, is_dir, join, list_files
 
@@ -80,6 +85,7 @@ class ParquetReader:
         labels: bool = True,
         extra_columns: Sequence[str] = (),
         pin_memory: bool = False,
+        negative_rate: float = 1.0,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -87,6 +93,11 @@ class ParquetReader:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if policy not in POLICIES:
             raise ValueError(f"policy {policy!r} not one of {POLICIES}")
+        if not 0 < negative_rate <= 1:
+            raise ValueError(f"data.negative_rate must be in (0, 1], got {negative_rate}")
+        if negative_rate < 1 and not labels:
+            raise ValueError("negative down-sampling needs the label columns")
+        self.negative_rate = negative_rate
         self.schema, self.batch_size, self.rank, self.world_size = schema, batch_size, rank, world_size
         self.shuffle, self.seed, self.policy, self.prefetch = shuffle, seed, policy, prefetch
         if split_keys is not None:  # (pooled keys, unpooled keys): which KJT each schema feature goes to
@@ -105,13 +116,28 @@ class ParquetReader:
 
         pairs: list[_RowGroup] = []
         first_row = 0
+        negatives = np.zeros(len(schema.labels), dtype=np.int64)  # per task, over the whole split
+        kept_negatives = np.zeros(len(schema.labels), dtype=np.int64)
         for i, path in enumerate(self.files):
             pf = open_parquet(path)
             check_file(path, pf, schema, labels, extra_columns)
             md = pf.metadata
             for g in range(md.num_row_groups):
-                pairs.append(_RowGroup(i, g, md.row_group(g).num_rows, first_row))
+                rows = md.row_group(g).num_rows
+                if negative_rate < 1:  # the rows the down-sampling keeps, from the labels alone
+                    group_labels = self._labels_of(pf, path, g)  # (n, T)
+                    kept = self._kept(group_labels, first_row)
+                    rows = int(kept.sum())
+                    task_negative = group_labels < 0.5  # (n, T)
+                    negatives += task_negative.sum(0)
+                    kept_negatives += (task_negative & kept[:, None]).sum(0)
+                pairs.append(_RowGroup(i, g, rows, first_row))
                 first_row += md.row_group(g).num_rows
+        # Per task, the share of its negatives (label 0) the down-sampling keeps: r for a row whose labels are
+        # all 0, 1 for one that is positive for another task. Over the whole split, so equal on every rank.
+        self.negative_keep_rates = tuple(
+            float(k / n) if n else 1.0 for k, n in zip(kept_negatives, negatives)
+        )
         self._all_pairs = pairs  # sorted: files sorted, row groups in file order
         self._pairs = pairs[rank::world_size]
         rows = [sum(p.rows for p in pairs[r::world_size]) for r in range(world_size)]
@@ -198,7 +224,26 @@ class ParquetReader:
             table = handles[pair.file].read_row_group(pair.index, columns=self.schema.columns(self.labels))
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{where}: cannot decode (corrupt or truncated file?): {e}") from e
-        return self._decode(table, where)
+        chunk = self._decode(table, where)
+        if self.negative_rate == 1:
+            return chunk
+        return chunk.take(np.flatnonzero(self._kept(chunk.labels, pair.first_row)))
+
+    def _labels_of(self, pf: pq.ParquetFile, path: str, group: int) -> np.ndarray:
+        """(n, T) labels of one row group, for the down-sampled row counts (labels only: cheap to read)."""
+        where = f"{display(path)}: row group {group}"
+        try:
+            table = pf.read_row_group(group, columns=list(self.schema.labels))
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{where}: cannot decode (corrupt or truncated file?): {e}") from e
+        return self._decode.labels_of(table, where)
+
+    def _kept(self, labels: np.ndarray, first_row: int) -> np.ndarray:
+        """(n,) bool: which rows of a row group starting at split position `first_row` the down-sampling
+        keeps: every row with a positive label, and a negative when its draw is below negative_rate."""
+        position = np.arange(first_row, first_row + len(labels), dtype=np.int64)
+        draw = splitmix64(splitmix64(position) ^ np.uint64(self.seed)) >> np.uint64(11)  # 53 bits
+        return (labels > 0.5).any(axis=1) | (draw * 2.0**-53 < self.negative_rate)
 
     def _chunks(self, epoch: int, start_row: int) -> Iterator[Chunk]:
         """This epoch's stream rows [start_row, stream_rows), as decoded chunks in order."""

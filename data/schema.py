@@ -87,6 +87,9 @@ class Schema:
     # model.sequence=longer builds its candidate / user global tokens from them.
     candidate_groups: tuple[str, ...] = ()
     user_groups: tuple[str, ...] = ()
+    # The sample-weight column (`weight:` in YAML): a non-negative number per row that scales the row's
+    # loss and its share of the weighted metrics (AUC, logloss, NE, calibration); None: every row 1.
+    weight: str | None = None
     # derived lookups, filled in __post_init__ (not part of equality / repr)
     _by_name: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -160,6 +163,8 @@ class Schema:
         """Every Parquet column the reader needs, each once, in a stable order (`labels=False`: scoring
         data, which need not have the label columns)."""
         cols = [*(self.labels if labels else ()), self.user_id]
+        if labels and self.weight is not None:
+            cols.append(self.weight)
         cols += [f.column for f in self.dense]
         cols += [f.column for f in self.sparse]
         cols += [f.column for f in self.sequence_features]
@@ -180,6 +185,8 @@ class Schema:
             "sparse": [plain(f) for f in self.sparse],
             "sequence": None,
         }
+        if self.weight is not None:
+            d["weight"] = self.weight
         if self.candidate_groups or self.user_groups:
             d["roles"] = {"candidate": list(self.candidate_groups), "user": list(self.user_groups)}
         if self.sequence is not None:

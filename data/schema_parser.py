@@ -41,11 +41,12 @@ class _Parser:
             d,
             path,
             required=("name", "labels", "user_id", "groups"),
-            optional=("dense", "sparse", "sequence", "roles"),
+            optional=("dense", "sparse", "sequence", "roles", "weight"),
         )
         name = self._str(d["name"], f"{path}.name")
         labels = self._names(d["labels"], f"{path}.labels", "label")
         user_id = self._str(d["user_id"], f"{path}.user_id")
+        weight = None if d.get("weight") is None else self._str(d["weight"], f"{path}.weight")
         groups = self._names(d["groups"], f"{path}.groups", "group")
 
         dense = tuple(
@@ -61,7 +62,7 @@ class _Parser:
             sequence = self.sequence(d["sequence"], f"{path}.sequence", groups)
 
         self._check_names(path, dense, sparse, sequence)
-        self._check_columns(path, labels, user_id, dense, sparse, sequence)
+        self._check_columns(path, labels, user_id, weight, dense, sparse, sequence)
         self._check_tables(path, sparse, sequence)
         used = {f.group for f in (*dense, *sparse)} | ({sequence.group} if sequence else set())
         for i, g in enumerate(groups):
@@ -78,6 +79,7 @@ class _Parser:
             groups=groups,
             candidate_groups=roles.get("candidate", ()),
             user_groups=roles.get("user", ()),
+            weight=weight,
         )
 
     def roles(self, d: Any, path: str, groups: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -181,7 +183,7 @@ class _Parser:
                 raise SchemaError(f"{p}.name: {f.name!r} ends with the reserved suffix {MISSING_SUFFIX!r}")
             seen[f.name] = p
 
-    def _check_columns(self, path: str, labels, user_id, dense, sparse, sequence) -> None:
+    def _check_columns(self, path: str, labels, user_id, weight, dense, sparse, sequence) -> None:
         """A column may feed several features only if they read it as the same Parquet type."""
         kinds: dict[str, tuple[str, str]] = {}  # column -> (kind, where first used)
 
@@ -196,6 +198,8 @@ class _Parser:
         for i, lab in enumerate(labels):
             use(lab, "label", f"{path}.labels[{i}]")
         use(user_id, "int64 id", f"{path}.user_id")
+        if weight is not None:
+            use(weight, "sample weight", f"{path}.weight")
         for p, f in self._paths(path, dense, sparse, sequence):
             if isinstance(f, DenseFeature):
                 use(f.column, "dense", p)

@@ -1,4 +1,5 @@
-"""Human-readable end-of-job report: AUC / UAUC per task next to the dataset's oracle (rank 0 only)."""
+"""Human-readable end-of-job report: AUC / UAUC per task next to the dataset's oracle, normalized entropy and
+calibration (rank 0 only)."""
 
 from __future__ import annotations
 
@@ -26,19 +27,29 @@ def print_report(summary: dict[str, Any], data_root: str, title: str | None = No
     tasks = sorted({k.split("/")[0] for k in metrics if k.endswith("/auc")})
     oracle = oracle_metrics(data_root, split)
     print(f"\n== {title or 'test metrics'} (split {split!r}, {int(metrics.get('rows', 0))} rows)")
+    tail = f"{'UAUC-w':>8}{'NE':>8}{'calib':>8}"
     if oracle:  # the generator's true probabilities: how far from the best any model can do
-        print(f"{'task':<10}{'AUC':>8}{'oracle':>8}{'gap':>8}{'UAUC':>8}{'oracle':>8}{'gap':>8}{'UAUC-w':>8}")
+        print(f"{'task':<10}{'AUC':>8}{'oracle':>8}{'gap':>8}{'UAUC':>8}{'oracle':>8}{'gap':>8}" + tail)
     else:  # real data has no oracle
-        print(f"{'task':<10}{'AUC':>8}{'UAUC':>8}{'UAUC-w':>8}")
+        print(f"{'task':<10}{'AUC':>8}{'UAUC':>8}" + tail)
+    nan = float("nan")
     for t in tasks:
-        auc, uauc, uauc_w = metrics[f"{t}/auc"], metrics[f"{t}/uauc"], metrics[f"{t}/uauc_weighted"]
+        auc, uauc = metrics[f"{t}/auc"], metrics[f"{t}/uauc"]
+        rest = (metrics[f"{t}/uauc_weighted"], *(metrics.get(f"{t}/{k}", nan) for k in ("ne", "calibration")))
         if oracle:
             o = oracle.get(t, {})
-            oa, ou = o.get("auc", float("nan")), o.get("uauc", float("nan"))
-            cells = (auc, oa, auc - oa, uauc, ou, uauc - ou, uauc_w)
-            print(f"{t:<10}" + "".join(f"{c:>8.4f}" for c in cells))
+            oa, ou = o.get("auc", nan), o.get("uauc", nan)
+            cells = (auc, oa, auc - oa, uauc, ou, uauc - ou, *rest)
         else:
-            print(f"{t:<10}{auc:>8.4f}{uauc:>8.4f}{uauc_w:>8.4f}")
+            cells = (auc, uauc, *rest)
+        print(f"{t:<10}" + "".join(f"{c:>8.4f}" for c in cells))
+    key = "calibration_uncorrected"
+    uncorrected = {t: metrics[f"{t}/{key}"] for t in tasks if f"{t}/{key}" in metrics}
+    if uncorrected:  # trained on down-sampled negatives: the calibration the correction repaired
+        print(
+            "  predictions corrected for negative down-sampling; calibration without the correction: "
+            + ", ".join(f"{t} {v:.4f}" for t, v in uncorrected.items())
+        )
     if summary.get("collapsed"):
         print(f"  COLLAPSED (constant predictions): {', '.join(summary['collapsed'])}")
     if "selected_step" in summary and "valid" in summary and summary["valid"] is None:

@@ -15,6 +15,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import torch
@@ -69,8 +70,16 @@ class RankingModel(nn.Module):
         schema: Schema,
         model_cfg: ModelConfig,
         device: torch.device | None = None,
+        negative_rate: float = 1.0,
     ) -> None:
         super().__init__()
+        # Trained on down-sampled negatives (data.negative_rate), a task whose negatives were kept at rate r_t
+        # predicts odds 1/r_t times the true ones: evaluation and serving add log r_t to its logit, p -> p /
+        # (p + (1 - p) / r_t). r_t is the training split's own (`set_negative_keep_rates`: r for single-task
+        # data; above r for a task whose negatives are often another task's positives, which are always
+        # kept). A buffer, so checkpoints and exported programs carry it; training uses the raw logits.
+        correction = torch.full((len(schema.labels),), math.log(negative_rate)) if negative_rate < 1 else None
+        self.register_buffer("logit_correction", correction)  # None: no buffer, no state_dict entry
         dense_proj_dim = model_cfg.dense_proj_dim
         self.sequence_mode, longer_cfg = model_cfg.sequence, model_cfg.longer
         self.sparse_arch = SparseArch(
@@ -195,9 +204,21 @@ class RankingModel(nn.Module):
     ) -> torch.Tensor:
         """Group parts (+ the jagged sequence items (N, d_item) and lengths (B,)) -> logits (B, num_tasks)."""
         if self.sequence_arch is None:
-            return self.dense_arch(self.feature_groups.assemble(parts, {}))
+            return self._served(self.dense_arch(self.feature_groups.assemble(parts, {})))
         e_s = self.sequence_arch(items, lengths, *self._global_inputs(parts))  # (B, G, D)
-        return self._dense_logits(parts, e_s)
+        return self._served(self._dense_logits(parts, e_s))
+
+    def _served(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits as evaluation and serving see them: corrected for negative down-sampling."""
+        if self.training or self.logit_correction is None:
+            return logits
+        return logits + self.logit_correction  # (B, num_tasks) + (num_tasks,)
+
+    @torch.no_grad()
+    def set_negative_keep_rates(self, rates: tuple[float, ...]) -> None:
+        """Each task's share of negatives the training data kept (`ParquetReader.negative_keep_rates`)."""
+        assert self.logit_correction is not None, "the model was built without data.negative_rate"
+        self.logit_correction.copy_(torch.tensor(rates, dtype=torch.float64).log())
 
     def sequence_cache(self, items: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Once per user: jagged items (N, d_item) + lengths (U,) -> the candidate-independent states of the
@@ -212,7 +233,8 @@ class RankingModel(nn.Module):
         longer = self._longer("logits_from_cache")
         states = SequenceStates.from_flat(cache, longer.cfg.num_layers).index_select(user_index)
         candidate, user = self._global_inputs(parts)
-        return self._dense_logits(parts, longer.global_outputs(longer.globals_of(candidate, user), states))
+        e_s = longer.global_outputs(longer.globals_of(candidate, user), states)
+        return self._served(self._dense_logits(parts, e_s))
 
     # ---- KV-cache serving from KJTs (sequence=longer) -------------------------------------------
 
@@ -250,16 +272,23 @@ class RankingModel(nn.Module):
 
 
 class RankingOutput(NamedTuple):
-    task_losses: torch.Tensor  # (num_tasks,) detached mean BCE per task
+    task_losses: torch.Tensor  # (num_tasks,) detached weighted mean BCE per task
     aux_loss: torch.Tensor  # () detached auxiliary loss: the dense arch's (Sparse-MoE L_reg) + embedding L2
     logits: torch.Tensor  # (B, num_tasks) detached
     labels: torch.Tensor  # (B, num_tasks)
     user_id: torch.Tensor  # (B,)
     mask: torch.Tensor  # (B,) bool
+    weight: torch.Tensor  # (B,) the rows' sample weights, 0 for padding
+    # (num_tasks, 4) detached sums over the batch's rows: weight * BCE, weight * label, weight * predicted
+    # probability, weight; the train log's windows add them up into logloss, NE and calibration
+    task_sums: torch.Tensor
 
 
 class RankingTrainWrapper(nn.Module):
-    """`forward(batch) -> (loss, RankingOutput)`, the contract of `TrainPipelineSparseDist`."""
+    """`forward(batch) -> (loss, RankingOutput)`, the contract of `TrainPipelineSparseDist`.
+
+    loss = sum over tasks of task_weights[t] * (the task's BCE averaged over rows with the rows' sample
+    weights) + the auxiliary terms."""
 
     def __init__(
         self,
@@ -267,6 +296,7 @@ class RankingTrainWrapper(nn.Module):
         autocast_dtype: torch.dtype | None = None,
         device_type: str = "cpu",
         embedding_l2: float = 0.0,
+        task_weights: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -276,6 +306,9 @@ class RankingTrainWrapper(nn.Module):
         self.device_type = device_type
         # L2 on the looked-up embeddings (optim.sparse.l2): lazy embedding weight decay, in the loss
         self.embedding_l2 = embedding_l2
+        # Python floats, not a tensor: a tensor made from them each step is a host-to-device copy on a GPU
+        unweighted = task_weights is None or all(w == 1 for w in task_weights)
+        self.task_weights = None if unweighted else task_weights
 
     def forward(self, batch: RecBatch) -> tuple[torch.Tensor, RankingOutput]:
         with_sq = self.embedding_l2 > 0 and self.training
@@ -286,10 +319,15 @@ class RankingTrainWrapper(nn.Module):
             with torch.autocast(self.device_type, dtype=self.autocast_dtype):
                 logits, emb_sq = self.model.forward_with_embedding_sq(*inputs)
         logits = logits.float()  # (B, num_tasks)
-        weight = batch.mask.to(logits.dtype).unsqueeze(1)  # (B, 1): padding rows contribute nothing
+        weight = batch.weight.to(logits.dtype).unsqueeze(1)  # (B, 1): padding rows weigh 0
         bce = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
-        task_losses = (bce * weight).sum(0) / weight.sum().clamp_min(1.0)  # (num_tasks,)
-        loss = task_losses.sum()
+        weighted_bce = (bce * weight).sum(0)  # (num_tasks,)
+        total_weight = weight.sum()
+        task_losses = weighted_bce / total_weight.clamp_min(1e-12)  # (num_tasks,)
+        if self.task_weights is None:
+            loss = task_losses.sum()
+        else:
+            loss = sum(w * task_losses[t] for t, w in enumerate(self.task_weights))
         # the dense arch's auxiliary term of this training forward (Sparse-MoE: lambda * L_reg), if any
         aux = self.model.dense_arch.aux_loss() if self.training else None
         if emb_sq is not None:
@@ -298,7 +336,24 @@ class RankingTrainWrapper(nn.Module):
         if aux is not None:
             loss = loss + aux
         aux_value = aux.detach() if aux is not None else torch.zeros((), device=loss.device)
+        with torch.no_grad():
+            sums = torch.stack(
+                [
+                    weighted_bce,
+                    (batch.labels * weight).sum(0),
+                    (torch.sigmoid(logits) * weight).sum(0),
+                    total_weight.expand(logits.shape[1]),
+                ],
+                dim=1,
+            )  # (num_tasks, 4)
         output = RankingOutput(
-            task_losses.detach(), aux_value, logits.detach(), batch.labels, batch.user_id, batch.mask
+            task_losses.detach(),
+            aux_value,
+            logits.detach(),
+            batch.labels,
+            batch.user_id,
+            batch.mask,
+            batch.weight,
+            sums.detach(),
         )
         return loss, output

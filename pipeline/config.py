@@ -95,6 +95,14 @@ class DataConfig:
     eval_batch_size: int = 2048
     shuffle_buffer: int = 16384
     prefetch: int = 8
+    # Negative down-sampling of the training split: keep this fraction of the rows whose labels are all 0
+    # (seeded by trainer.seed, the same rows every epoch; data/reader.py). Evaluation and serving correct
+    # the predictions back, p / (p + (1 - p) / r) (models/ranking.py). 1: every row.
+    negative_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.negative_rate <= 1:
+            raise ValueError(f"data.negative_rate must be in (0, 1], got {self.negative_rate}")
 
 
 @dataclass
@@ -218,6 +226,8 @@ class TrainerConfig:
     # [start, end): CUDA host syncs in these steps raise (pipeline/profiler.py SyncDebugWindow)
     sync_debug_steps: list[int] = field(default_factory=list)
     save_predictions: bool = False
+    # Each task's weight in the loss, {task: weight}; a task not named weighs 1 (pipeline/job.py)
+    task_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`EarlyStopping`: model selection on the validation split (DESIGN s5): track the best value of one
-validation metric (higher is better), and stop after `patience` validations without an improvement of more
-than `min_delta`. Its state goes into every checkpoint, so a resumed run selects and stops exactly as an
-uninterrupted one.
+validation metric (higher is better, except for losses: `lower_is_better`), and stop after `patience`
+validations without an improvement of more than `min_delta`. Its state goes into every checkpoint, so a
+resumed run selects and stops exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from data.metrics.summary import lower_is_better
 from pipeline.config import EarlyStopConfig
 
 
@@ -27,7 +28,10 @@ class EarlyStopping:
     def update(self, step: int, value: float, metrics: dict[str, float] | None = None) -> bool:
         """Record a validation (its selection `value` and all its `metrics`); True when it is the new
         best. A NaN value (e.g. one class only) is never an improvement."""
-        improved = not math.isnan(value) and (self.best is None or value > self.best + self.cfg.min_delta)
+        sign = -1.0 if lower_is_better(self.cfg.metric) else 1.0
+        improved = not math.isnan(value) and (
+            self.best is None or sign * (value - self.best) > self.cfg.min_delta
+        )
         self.last_metrics, self.last_step = dict(metrics or {}), step
         if improved:
             self.best, self.best_step, self.bad_validations = value, step, 0

@@ -1,4 +1,5 @@
-"""Evaluation loop: exact AUC / UAUC per task over a whole split, across all ranks (DESIGN s5).
+"""Evaluation loop: exact AUC / UAUC, logloss, NE and calibration per task over a whole split, across all
+ranks (DESIGN s5).
 
 Every rank runs the same number of batches (the reader's "pad" policy), because the sharded embedding
 lookups are collectives; padding rows carry mask=False and never reach the metrics. The dense arch's
@@ -22,7 +23,7 @@ from data.reader import ParquetReader
 from models.collectives import mean_over_ranks
 from models.ranking import RankingOutput
 from pipeline.files import write_atomic
-from pipeline.sharding import dense_arch
+from pipeline.sharding import dense_arch, ranking_model
 
 
 def batch_outputs(
@@ -49,17 +50,17 @@ def evaluate(
     predictions_path: Path | None = None,
 ) -> dict[str, float]:
     """`model(batch) -> (loss, RankingOutput)` over `reader`; returns ExactAUCEvaluator's metrics and the
-    dense arch's eval stats. With `predictions_path`, this rank's valid rows (user id, labels, scores) go
-    to that Parquet file."""
+    dense arch's eval stats. With `predictions_path`, this rank's valid rows (user id, labels, scores,
+    sample weight) go to that Parquet file."""
     was_training = model.training
     model.eval()
     arch = dense_arch(model)
-    evaluator = ExactAUCEvaluator(task_names)
+    evaluator = ExactAUCEvaluator(task_names, ranking_model(model).logit_correction)
     preds: list[dict[str, torch.Tensor]] = []
     stat_sums: dict[str, float] = {}
     n = len(reader) if max_batches < 0 else min(max_batches, len(reader))
     for out in batch_outputs(model, reader, device, n):
-        evaluator.update(out.logits, out.labels, out.user_id, out.mask)
+        evaluator.update(out.logits, out.labels, out.user_id, out.mask, out.weight)
         for k, v in arch.eval_stats().items():
             stat_sums[k] = stat_sums.get(k, 0.0) + v
         if predictions_path is not None:
@@ -69,10 +70,11 @@ def evaluate(
                     "user_id": out.user_id[m].cpu(),
                     "labels": out.labels[m].cpu(),
                     "scores": torch.sigmoid(out.logits[m]).cpu(),
+                    "weight": out.weight[m].cpu(),
                 }
             )
     metrics = evaluator.compute()
-    for name in ("auc", "uauc"):  # the default model-selection metrics (trainer.early_stop.metric)
+    for name in ("auc", "uauc", "ne"):  # mean_auc / mean_uauc: the default model-selection metrics
         metrics[f"mean_{name}"] = sum(metrics[f"{t}/{name}"] for t in task_names) / len(task_names)
     metrics["collapsed_tasks"] = float(len(collapsed_tasks(metrics, task_names)))
     for k, total in stat_sums.items():  # mean over batches, then ranks (every rank ran n batches)
@@ -113,4 +115,5 @@ def write_predictions(path: Path, preds: list[dict[str, torch.Tensor]], task_nam
     for i, t in enumerate(task_names):
         cols[t] = pa.array(labels[:, i].numpy())
         cols[f"score_{t}"] = pa.array(scores[:, i].numpy())
+    cols["weight"] = pa.array(torch.cat([p["weight"] for p in preds]).numpy())  # the sample weights
     write_atomic(path, lambda tmp: pq.write_table(pa.table(cols), tmp, compression="zstd"))

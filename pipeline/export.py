@@ -61,7 +61,7 @@ def load_unsharded(checkpoint: str | Path) -> tuple[RankingModel, TrainConfig, S
     """The trained RankingModel in this one process, every table whole, in eval mode."""
     cfg = load_run_config(checkpoint)
     schema = Schema.from_dict(cfg.data.schema)
-    model = RankingModel(schema, cfg.model)
+    model = RankingModel(schema, cfg.model, negative_rate=cfg.data.negative_rate)
     wrapper = RankingTrainWrapper(model)  # the module the checkpoint's "model" entry was saved from
     state = {"model": wrapper.state_dict()}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)

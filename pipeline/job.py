@@ -63,6 +63,7 @@ def make_reader(cfg: TrainConfig, schema: Schema, info: DistInfo, split: str, tr
         prefetch=d.prefetch,
         split_keys=input_keys(schema, cfg.model.sequence),  # bag / embedding collection KJTs
         pin_memory=info.device.type == "cuda",
+        negative_rate=d.negative_rate if train else 1.0,  # validation and test see every row
     )
 
 
@@ -90,15 +91,36 @@ def build_model(
 ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     """RankingModel (tables on meta, materialised by sharding) -> fused sparse optim -> DMP -> optimizer.
     `total_steps`: the training run's length, where a cosine lr schedule ends (0: not training)."""
-    model = RankingModel(schema, cfg.model, device=torch.device("meta"))
+    model = RankingModel(schema, cfg.model, torch.device("meta"), cfg.data.negative_rate)
     place_dense_modules(model, info.device)
     autocast = autocast_dtype(cfg.trainer.autocast, info.device)
-    wrapper = RankingTrainWrapper(model, autocast, info.device.type, embedding_l2=cfg.optim.sparse.l2)
+    wrapper = RankingTrainWrapper(
+        model,
+        autocast,
+        info.device.type,
+        embedding_l2=cfg.optim.sparse.l2,
+        task_weights=loss_task_weights(schema, cfg.trainer.task_weights),
+    )
     fuse_sparse_optimizer(model.sparse_arch, cfg.optim.sparse)
     dmp, _ = shard_model(wrapper, table_names(schema), cfg.sharding, info, cfg.data.batch_size)
     optimizer = build_optimizer(dmp, cfg.optim.dense, lr_scales_by_param(model), total_steps)
     set_initial_accumulator(dmp, cfg.optim.sparse.initial_accumulator_value)
     return dmp, optimizer
+
+
+def loss_task_weights(schema: Schema, weights: dict[str, float]) -> tuple[float, ...]:
+    """Each task's weight in the loss (trainer.task_weights: {task: weight}, a task not named weighs 1),
+    in schema label order; a misnamed task or a negative weight is one ValueError line."""
+    unknown = sorted(set(weights) - set(schema.labels))
+    if unknown:
+        raise ValueError(
+            f"trainer.task_weights: unknown task(s) {unknown} "
+            f"(the schema's labels: {', '.join(schema.labels)})"
+        )
+    out = tuple(float(weights.get(t, 1.0)) for t in schema.labels)
+    if any(not w >= 0 for w in out) or not any(w > 0 for w in out):
+        raise ValueError(f"trainer.task_weights: weights must be >= 0 and not all 0, got {dict(weights)}")
+    return out
 
 
 def place_dense_modules(model: RankingModel, device: torch.device) -> None:
@@ -108,6 +130,8 @@ def place_dense_modules(model: RankingModel, device: torch.device) -> None:
     for child in model.children():
         if child is not model.sparse_arch:
             child.to(device)
+    for name, buffer in model.named_buffers(recurse=False):  # its own (the down-sampling correction)
+        model.register_buffer(name, buffer.to(device))
 
 
 def lr_scales_by_param(model: RankingModel | DenseArch) -> dict[int, float]:

@@ -20,6 +20,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
+from data.metrics.exact import normalized_entropy
 from data.metrics.summary import collapsed_tasks, metric_value
 from data.reader import ParquetReader
 from data.schema import Schema
@@ -46,13 +47,13 @@ from pipeline.dist import (
 from pipeline.early_stop import EarlyStopping
 from pipeline.evaluate import evaluate, evaluate_inference_modes
 from pipeline.files import write_json_atomic
-from pipeline.job import build_model, make_reader, resolve_run_dir, seed_everything
+from pipeline.job import build_model, loss_task_weights, make_reader, resolve_run_dir, seed_everything
 from pipeline.meter import TrainMeter
 from pipeline.optim import sparse_state_bytes
 from pipeline.profiler import StepProfiler, SyncDebugWindow
 from pipeline.run_dir import RunDir
 from pipeline.run_log import RunLog, setup_logging
-from pipeline.sharding import dense_arch
+from pipeline.sharding import dense_arch, ranking_model
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
     seed_everything(cfg.trainer.seed)
     schema = Schema.from_dict(cfg.data.schema)
+    loss_task_weights(schema, cfg.trainer.task_weights)  # a misnamed task fails before any data is read
     # Readers first: every split's files, columns and types are checked before a run dir is created.
     train_reader = make_reader(cfg, schema, info, cfg.data.train_split, train=True)
     validates = cfg.data.valid_split not in ("", "none")
@@ -144,6 +146,16 @@ def _train(
     stopper = EarlyStopping(cfg.trainer.early_stop)
     pos, trainer_state = resume(cfg, ckpt, info, dmp, optimizer, config_yaml)
     init_from = warm_start(cfg, info, dmp, optimizer, config_yaml) if not trainer_state else None
+    if cfg.data.negative_rate < 1:  # this training split's keep rates (after any load: a new day's data)
+        ranking_model(dmp).set_negative_keep_rates(train_reader.negative_keep_rates)
+        if info.is_main:
+            log.info(
+                "negative down-sampling at %g: %d of the split's rows per rank kept; negatives kept per "
+                "task: %s; evaluation and serving add log(rate) to each task's logit",
+                cfg.data.negative_rate,
+                train_reader.num_rows,
+                ", ".join(f"{t} {r:.4f}" for t, r in zip(tasks, train_reader.negative_keep_rates)),
+            )
     if info.is_main:
         (run_dir.local / "config.yaml").write_text(config_yaml)
     if "early_stop" in trainer_state:
@@ -223,7 +235,7 @@ def _train(
             pos.step += 1
             pos.step_in_epoch += 1
             bar.update(1)
-            meter.update(torch.cat([out.task_losses, out.aux_loss.reshape(1)]))  # (num_tasks + 1,)
+            meter.update(torch.cat([out.task_losses, out.aux_loss.reshape(1)]), out.task_sums)
             if pos.step % cfg.trainer.log_every == 0 or pos.step == total_steps:
                 record = train_record(meter, tasks, cfg.data.batch_size, info.world_size, pos.epoch)
                 record.update(arch.stats())
@@ -406,11 +418,17 @@ def check_data_position(meta: dict[str, Any], cfg: TrainConfig, info: DistInfo, 
 
 
 def train_record(meter: TrainMeter, tasks: list[str], batch_size: int, world_size: int, epoch: int) -> dict:
-    """The log window's train record: per-task and total loss (mean over steps and ranks), aux loss,
-    samples/s. A collective (the loss mean over ranks)."""
-    losses, seconds, steps = meter.flush()
+    """The log window's train record: per-task loss (mean over steps and ranks), NE and calibration (over
+    the window's rows, with their sample weights), total and aux loss, samples/s. A collective."""
+    losses, sums, seconds, steps = meter.flush()
     rate = steps * batch_size / seconds
-    record: dict[str, Any] = {f"{t}/loss": float(losses[i]) for i, t in enumerate(tasks)}
+    record: dict[str, Any] = {}
+    for i, t in enumerate(tasks):
+        bce, positives, predicted, weight = (float(x) for x in sums[i])
+        ctr = positives / weight if weight > 0 else float("nan")
+        record[f"{t}/loss"] = float(losses[i])
+        record[f"{t}/ne"] = normalized_entropy(bce / weight, ctr) if weight > 0 else float("nan")
+        record[f"{t}/calibration"] = predicted / positives if positives > 0 else float("nan")
     record.update(
         loss=float(losses[:-1].sum()),
         aux_loss=float(losses[-1]),
@@ -428,7 +446,7 @@ def log_train(record: dict, summary: str, tasks: list[str], step: int, total: in
         total,
         record["epoch"],
         record["loss"],
-        " ".join(f"{t} {record[f'{t}/loss']:.4f}" for t in tasks),
+        " ".join(f"{t} {record[f'{t}/loss']:.4f} ne {record[f'{t}/ne']:.4f}" for t in tasks),
         record["samples_per_s"],
         info.world_size,
     )
@@ -437,4 +455,8 @@ def log_train(record: dict, summary: str, tasks: list[str], step: int, total: in
 
 
 def _fmt(metrics: dict[str, float], tasks: list[str]) -> str:
-    return " | ".join(f"{t} auc {metrics[f'{t}/auc']:.4f} uauc {metrics[f'{t}/uauc']:.4f}" for t in tasks)
+    return " | ".join(
+        f"{t} auc {metrics[f'{t}/auc']:.4f} uauc {metrics[f'{t}/uauc']:.4f} ne {metrics[f'{t}/ne']:.4f} "
+        f"calibration {metrics[f'{t}/calibration']:.3f}"
+        for t in tasks
+    )

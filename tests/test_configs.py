@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from data.schema import Schema
 from launch.configs import CONF_DIR, register_configs, with_recipe
 from models.config import DENSE_ARCHS, ModelConfig, arch_config_class
 from pipeline.config import (
@@ -22,6 +23,7 @@ from pipeline.config import (
     load_train_config,
     reject_unknown_keys,
 )
+from pipeline.job import loss_task_weights
 
 MODEL_PRESETS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 SEARCH_RECIPES = CONF_DIR.parent / "reports" / "search_ml100k"
@@ -146,3 +148,17 @@ def test_eval_and_predict_score_the_checkpoints_own_data_unless_told_otherwise()
     assert ScoreDataConfig().over(trained) == dataclasses.replace(trained, split="test")
     mine = ScoreDataConfig(root="/copy/ml100k", split="valid", eval_batch_size=128).over(trained)
     assert (mine.root, mine.split, mine.eval_batch_size, mine.prefetch) == ("/copy/ml100k", "valid", 128, 3)
+
+
+def test_task_weights_and_negative_rate_are_checked_in_one_line_naming_the_key():
+    cfg = compose_train("+trainer.task_weights={skip: 0.5}", "data.negative_rate=0.25")
+    schema = Schema.from_dict(cfg.data.schema)
+    assert (loss_task_weights(schema, cfg.trainer.task_weights), cfg.data.negative_rate) == ((1.0, 0.5), 0.25)
+    with pytest.raises(
+        ValueError, match=r"unknown task\(s\) \['click'\] \(the schema's labels: finish, skip\)"
+    ):
+        loss_task_weights(schema, {"click": 2.0})
+    with pytest.raises(ValueError, match="must be >= 0 and not all 0"):
+        loss_task_weights(schema, {"finish": 0.0, "skip": 0.0})
+    with pytest.raises(Exception, match=r"data.negative_rate must be in \(0, 1\], got 1.5"):
+        compose_train("data.negative_rate=1.5")

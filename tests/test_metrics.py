@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import log_loss, roc_auc_score
 
-from data.metrics.auc import binary_auc, user_auc
+from data.metrics.auc import binary_auc, user_auc, weighted_auc
 from data.metrics.exact import ExactAUCEvaluator
 
 TASKS = ["click", "like"]
@@ -153,8 +153,9 @@ def test_user_auc_without_counted_users(labels: torch.Tensor, users: torch.Tenso
 # ---------------------------------------------------------------------------------------------- evaluator
 
 
-def _rank_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Deterministic eval batches for ``rank``: unequal row counts, padding rows, users shared by ranks."""
+def _rank_batches(rank: int, weighted: bool = False) -> list[tuple[torch.Tensor | None, ...]]:
+    """Deterministic eval batches for ``rank``: unequal row counts, padding rows, users shared by ranks;
+    (logits, labels, users, mask, sample weights or None)."""
     gen = torch.Generator().manual_seed(100 + rank)
     sizes = [256, 256, 97] if rank == 0 else [256, 31, 64]
     batches = []
@@ -169,7 +170,9 @@ def _rank_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Ten
             mask[:] = False  # a batch that is padding only
         labels[~mask] = 1.0  # padding rows hold garbage that must not leak into the metrics
         logits[~mask] = 50.0
-        batches.append((logits, labels, users, mask))
+        # weights 0 .. 3 in quarters, some rows weight 0; padding rows get garbage weights too
+        weights = torch.randint(0, 13, (size,), generator=gen).float() / 4 if weighted else None
+        batches.append((logits, labels, users, mask, weights))
     return batches
 
 
@@ -178,6 +181,10 @@ def _valid_rows(batches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     labels = torch.cat([b[1][b[3]] for b in batches])
     users = torch.cat([b[2][b[3]] for b in batches])
     return logits, labels, users
+
+
+def _valid_weights(batches: list) -> torch.Tensor:
+    return torch.cat([b[4][b[3]] for b in batches])
 
 
 def _evaluate(batches: list) -> dict[str, float]:
@@ -204,6 +211,59 @@ def test_evaluator_matches_functions_over_valid_rows() -> None:
         assert got[f"{task}/pred_mean"] == pytest.approx(p.mean(), rel=1e-12)
 
 
+def _numpy_ne(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """(normalized entropy, calibration), written out directly in numpy."""
+    logloss = -(w * (y * np.log(p) + (1 - y) * np.log(1 - p))).sum() / w.sum()
+    ctr = (w * y).sum() / w.sum()
+    entropy = -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr))
+    return logloss / entropy, ((w * p).sum() / w.sum()) / ctr
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ne_calibration_and_weighted_auc_and_logloss_equal_numpy_and_sklearn(weighted: bool) -> None:
+    batches = _rank_batches(0, weighted)
+    got = _evaluate(batches)
+    logits, labels, _ = _valid_rows(batches)
+    w = _valid_weights(batches).double().numpy() if weighted else np.ones(logits.shape[0])
+    for t, task in enumerate(TASKS):
+        y = labels[:, t].double().numpy()
+        p = torch.sigmoid(logits[:, t].double()).numpy()
+        ne, calibration = _numpy_ne(y, p, w)
+        assert got[f"{task}/ne"] == pytest.approx(ne, rel=1e-9)
+        assert got[f"{task}/calibration"] == pytest.approx(calibration, rel=1e-9)
+        assert 0.3 < ne < 1.0 and 0.5 < calibration < 2  # a real signal, so the checks can fail
+        assert got[f"{task}/auc"] == pytest.approx(
+            roc_auc_score(y, logits[:, t].numpy(), sample_weight=w), abs=1e-9 if weighted else 1e-6
+        )  # unweighted: torchmetrics' float32 curve
+        assert got[f"{task}/logloss"] == pytest.approx(log_loss(y, p, sample_weight=w), rel=1e-9)
+        assert got[f"{task}/ctr"] == pytest.approx((w * y).sum() / w.sum(), rel=1e-12)
+
+
+@pytest.mark.parametrize("tie_levels", [None, 3])
+def test_weighted_auc_counts_a_row_of_integer_weight_k_as_k_copies(tie_levels: int | None) -> None:
+    scores, labels, _ = _random_rows(500, 7, tie_levels)
+    weights = torch.randint(0, 4, (500,))
+    copies = torch.repeat_interleave(torch.arange(500), weights)
+    expected = roc_auc_score(labels[copies].numpy(), scores[copies].numpy())
+    assert weighted_auc(scores, labels, weights.float()) == pytest.approx(expected, abs=1e-12)
+    unit = binary_auc(scores, labels)  # torchmetrics' float32 curve
+    assert weighted_auc(scores, labels, torch.ones(500)) == pytest.approx(unit, abs=1e-6)
+    assert math.isnan(weighted_auc(scores, torch.ones(500), torch.ones(500)))
+
+
+def test_calibration_without_the_down_sampling_correction_is_reported_next_to_the_corrected_one() -> None:
+    rate = 0.25
+    batches = _rank_batches(0)
+    corrected = ExactAUCEvaluator(TASKS, logit_correction=torch.full((2,), math.log(rate)))
+    for logits, labels, users, mask, _ in batches:
+        corrected.update(logits + math.log(rate), labels, users, mask)
+    got, plain = corrected.compute(), _evaluate(batches)
+    for task in TASKS:  # the uncorrected model's calibration is the plain evaluation's
+        assert got[f"{task}/calibration_uncorrected"] == pytest.approx(plain[f"{task}/calibration"], rel=1e-6)
+        assert got[f"{task}/calibration"] < 0.8 * plain[f"{task}/calibration"]
+        assert got[f"{task}/auc"] == plain[f"{task}/auc"]  # a constant shift leaves the ranking alone
+
+
 def test_evaluator_reset_and_empty() -> None:
     evaluator = ExactAUCEvaluator(TASKS)
     for batch in _rank_batches(1):
@@ -225,7 +285,7 @@ def _distributed_worker(rank: int, world_size: int, store_path: str, out_dir: st
     """One gloo rank: evaluate its own batches, then evaluate again with rank 1 holding no valid rows."""
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
-        batches = _rank_batches(rank)
+        batches = _rank_batches(rank, weighted=True)
         evaluator = ExactAUCEvaluator(TASKS)
         for batch in batches:
             evaluator.update(*batch)
@@ -255,9 +315,9 @@ def test_distributed_compute_equals_single_process_over_all_valid_rows(tmp_path:
         nprocs=world_size,
         start_method="spawn",
     )
-    all_batches = _rank_batches(0) + _rank_batches(1)
+    all_batches = _rank_batches(0, True) + _rank_batches(1, True)
     expected_uneven = _evaluate(all_batches)
-    expected_rank1_empty = _evaluate(_rank_batches(0)[:1])
+    expected_rank1_empty = _evaluate(_rank_batches(0, True)[:1])
     assert expected_uneven["rows"] > 0 and math.isfinite(expected_uneven["like/uauc"])
     for rank in range(world_size):
         results = torch.load(tmp_path / f"rank{rank}.pt")

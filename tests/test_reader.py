@@ -170,9 +170,12 @@ def test_epoch_changes_the_order_and_the_same_epoch_repeats_it(small_dataset, ro
     assert sorted(order(0)) != order(0)
 
 
-@pytest.mark.parametrize(("policy", "stop_at"), [("drop_last", 1), ("drop_last", 13), ("pad", 9), ("pad", 0)])
+@pytest.mark.parametrize(
+    ("policy", "stop_at", "negative_rate"),
+    [("drop_last", 1, 1.0), ("drop_last", 13, 1.0), ("pad", 9, 1.0), ("pad", 0, 1.0), ("drop_last", 5, 0.3)],
+)
 def test_resume_from_state_dict_reproduces_the_remaining_batches(
-    small_dataset, row_id_schema, policy, stop_at
+    small_dataset, row_id_schema, policy, stop_at, negative_rate
 ):
     def reader() -> ParquetReader:
         r = ParquetReader(
@@ -184,6 +187,7 @@ def test_resume_from_state_dict_reproduces_the_remaining_batches(
             shuffle_buffer=1000,
             seed=7,
             policy=policy,
+            negative_rate=negative_rate,
         )
         r.set_epoch(2)
         return r
@@ -203,6 +207,48 @@ def test_resume_from_state_dict_reproduces_the_remaining_batches(
     assert len(rest) == len(full) - stop_at
     assert all(_same(a, b) for a, b in zip(rest, full[stop_at:]))
     assert resumed.state_dict()["batches_yielded"] == len(full)
+
+
+def _kept_rows(split: Path, schema: Schema, world_size: int, seed: int, rate: float) -> dict[int, float]:
+    """{row id: its largest label} of every real row the ranks' down-sampled pad readers yield."""
+    kept: dict[int, float] = {}
+    for rank in range(world_size):
+        reader = ParquetReader(
+            split,
+            schema,
+            256,
+            rank,
+            world_size,
+            shuffle=rank == 1,
+            seed=seed,
+            policy="pad",
+            negative_rate=rate,
+        )
+        assert reader.num_rows == sum(len(b.user_id[b.mask]) for b in reader)
+        for b in reader:
+            ids = b.user_id[b.mask].tolist()
+            assert not set(ids) & set(kept)  # each kept row once, on one rank
+            kept.update(zip(ids, b.labels[b.mask].amax(1).tolist()))
+    return kept
+
+
+def test_negative_down_sampling_keeps_every_positive_and_a_seeded_share_of_negatives_on_any_ranks(
+    small_dataset, row_id_schema
+):
+    split = _train(small_dataset)
+    table = _rows_in_files(split, ["_row_id", *row_id_schema.labels])
+    labels = np.stack([table[t].to_numpy() for t in row_id_schema.labels], 1)
+    positive = set(table["_row_id"].to_numpy()[labels.max(1) > 0].tolist())
+    negatives = table.num_rows - len(positive)
+    kept = _kept_rows(split, row_id_schema, 1, seed=3, rate=0.25)
+    assert positive <= set(kept)  # every positive row stays
+    kept_negatives = len(kept) - len(positive)
+    assert abs(kept_negatives / negatives - 0.25) < 0.03, (kept_negatives, negatives)
+    # the same rows on 2 ranks (one shuffling) as on one: the draw belongs to the row, not to the reader
+    assert _kept_rows(split, row_id_schema, 2, seed=3, rate=0.25) == kept
+    assert set(_kept_rows(split, row_id_schema, 1, seed=4, rate=0.25)) != set(kept)  # seeded
+    with pytest.raises(ValueError, match=r"negative_rate must be in \(0, 1\], got 0"):
+        ParquetReader(split, row_id_schema, 256, negative_rate=0)
 
 
 def test_abandoned_iterator_stops_its_prefetch_thread(small_dataset, synthetic_schema):
@@ -298,6 +344,35 @@ def test_bad_values_raise_data_error_naming_file_row_group_column_and_value(tmp_
         list(reader)
     for part in [str(path), "row group 0", *expected]:
         assert part in str(err.value)
+
+
+WEIGHTED = dataclasses.replace(MINI, weight="w")
+
+
+def test_sample_weight_column_reads_and_padding_rows_weigh_zero(tmp_path):
+    path = _write(tmp_path, w=pa.array([0.5, 2, 0], pa.float64()))
+    (batch,) = ParquetReader(path, WEIGHTED, batch_size=4, shuffle=False, policy="pad")
+    assert batch.weight.tolist() == [0.5, 2.0, 0.0, 0.0] and batch.mask.tolist() == [True] * 3 + [False]
+    (plain,) = ParquetReader(path, MINI, batch_size=4, shuffle=False, policy="pad")
+    assert plain.weight.tolist() == [1.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        (pa.array([1.0, -2.0, 1.0]), ["column 'w'", "finite number >= 0", "-2.0", "row 1"]),
+        (pa.array([1.0, 1.0, float("inf")]), ["column 'w'", "inf", "row 2"]),
+        (pa.array([1.0, None, 1.0]), ["column 'w'", "null value", "row 1"]),
+    ],
+)
+def test_bad_sample_weights_raise_one_data_error_line(tmp_path, weights, expected):
+    path = _write(tmp_path, w=weights)
+    with pytest.raises(DataError) as err:
+        list(ParquetReader(path, WEIGHTED, batch_size=2, policy="pad", prefetch=2))
+    for part in [str(path), "row group 0", *expected]:
+        assert part in str(err.value)
+    with pytest.raises(DataError, match="column 'w' missing"):
+        ParquetReader(_write(tmp_path), WEIGHTED, batch_size=2)
 
 
 def test_empty_file_is_rejected(tmp_path):

@@ -11,7 +11,16 @@ import pytest
 from launch.report import print_report
 
 SUMMARY = {
-    "test": {"rows": 10.0, "like/auc": 0.8, "like/uauc": 0.7, "like/uauc_weighted": 0.71},
+    "test": {
+        "rows": 10.0,
+        **{
+            "like/auc": 0.8,
+            "like/uauc": 0.7,
+            "like/uauc_weighted": 0.71,
+            "like/ne": 0.9,
+            "like/calibration": 1.02,
+        },
+    },
     "split": "test",
     "steps": 30,
     "selected_step": 20,

@@ -53,6 +53,7 @@ def global_batch(rows: slice) -> RecBatch:
         labels=labels[rows],
         user_id=torch.arange(m),
         mask=torch.ones(m, dtype=torch.bool),
+        weight=torch.ones(m),
     )
 
 

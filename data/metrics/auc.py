@@ -72,6 +72,33 @@ def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(auc)
 
 
+def weighted_auc(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> float:
+    """Exact ROC AUC with row weights: the weighted Mann-Whitney statistic, sum over (positive, negative)
+    pairs of w_pos * w_neg * [s_pos > s_neg] (1/2 on ties), over the sum of w_pos * w_neg. Equals
+    `binary_auc` when every weight is 1 (and counts a row of weight k as k copies of it). NaN when the
+    positives' or the negatives' weight is 0. One sort; per distinct score, the weight of the negatives
+    below it."""
+    positive = _is_positive(labels)
+    scores, weights = scores.detach().reshape(-1), weights.detach().reshape(-1).to(torch.float64)
+    if not scores.numel() == positive.numel() == weights.numel():
+        raise ValueError(
+            f"row counts differ: scores {scores.numel()}, labels {positive.numel()}, "
+            f"weights {weights.numel()}"
+        )
+    order = torch.argsort(scores)
+    pos_w = torch.where(positive[order], weights[order], 0.0)  # (n,) in score order
+    neg_w = weights[order] - pos_w
+    group = torch.cumsum(_run_starts(scores[order]).long(), 0) - 1  # distinct score index of each row
+    n_groups = int(group[-1]) + 1 if group.numel() else 0
+    pos_g = torch.bincount(group, weights=pos_w, minlength=n_groups)  # (G,)
+    neg_g = torch.bincount(group, weights=neg_w, minlength=n_groups)
+    total_pos, total_neg = pos_g.sum(), neg_g.sum()
+    if total_pos <= 0 or total_neg <= 0:
+        return _NAN
+    neg_below = torch.cumsum(neg_g, 0) - neg_g
+    return float((pos_g * (neg_below + neg_g / 2)).sum() / (total_pos * total_neg))
+
+
 # --------------------------------------------------------------------------------------------------
 # User AUC (grouped AUC)
 # --------------------------------------------------------------------------------------------------

@@ -13,15 +13,21 @@ def metric_value(metrics: dict[str, float], metric: str, tasks: list[str] | None
     with a "<task>/auc" key)."""
     if metric in metrics:
         return metrics[metric]
-    if metric in ("mean_auc", "mean_uauc"):
+    if metric in ("mean_auc", "mean_uauc", "mean_ne"):
         tasks = tasks if tasks is not None else [k[:-4] for k in metrics if k.endswith("/auc")]
         values = [metrics[f"{t}/{metric[5:]}"] for t in tasks if f"{t}/{metric[5:]}" in metrics]
         if values:
             return sum(values) / len(values)
     raise ValueError(
         f"trainer.early_stop.metric: {metric!r} is not a validation metric "
-        f"(mean_auc, mean_uauc or one of {sorted(metrics)})"
+        f"(mean_auc, mean_uauc, mean_ne or one of {sorted(metrics)})"
     )
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of `metric` is the better model: the losses (NE, logloss); AUCs are
+    higher-better. Calibration has no direction (1 is best) and is not a selection metric."""
+    return metric.split("/")[-1] in ("mean_ne", "ne", "logloss")
 
 
 def metric_value_or_none(record: dict, metric: str) -> float | None:
