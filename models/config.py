@@ -4,6 +4,7 @@
     model.sequence        how the behaviour sequence enters: none | mean_pool | longer (models/ranking.py)
     model.longer          LONGER's options (sequence=longer)
     model.dense_proj_dim  width of each semantic group's projection of its dense float features
+    model.wide            a first-order term: per-id, per-task biases added to the logits
     model.dense           the dense arch's own config dataclass (RankMixerConfig, DLRMConfig, ...)
 
 Each arch has a typed variant, `model_config_class(arch)`, whose `dense` field is that arch's config
@@ -89,6 +90,8 @@ class ModelConfig:
     longer: LongerConfig = field(default_factory=LongerConfig)
     dense_proj_dim: int = 16  # width of each group's projection of its dense features (FeatureGroups)
     table_dtype: TableDtype = TableDtype.fp32
+    # the first-order term: a learned bias per id and task, summed into each task's logit (sparse_arch.py)
+    wide: bool = False
     dense: Any = None  # the arch's config dataclass; None: its defaults
 
     def __post_init__(self) -> None:

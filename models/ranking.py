@@ -83,7 +83,7 @@ class RankingModel(nn.Module):
         dense_proj_dim = model_cfg.dense_proj_dim
         self.sequence_mode, longer_cfg = model_cfg.sequence, model_cfg.longer
         self.sparse_arch = SparseArch(
-            schema, self.sequence_mode, device=device, table_dtype=model_cfg.table_dtype
+            schema, self.sequence_mode, device=device, table_dtype=model_cfg.table_dtype, wide=model_cfg.wide
         )
         self.sequence_arch: Longer | None = None
         self.pooled_unpooled: list[tuple[str, str]] = []  # (feature, pooling) looked up unpooled, then pooled
@@ -159,8 +159,17 @@ class RankingModel(nn.Module):
                 sq = sq + unpooled[name].values().square().sum() / batch
         parts = self._group_parts(pooled, unpooled, dense)
         if self.sequence_arch is None:
-            return self.logits_from_parts(parts), sq  # (B, num_tasks)
-        return self.logits_from_parts(parts, *self._sequence_items(unpooled)), sq
+            logits = self.logits_from_parts(parts)  # (B, num_tasks)
+        else:
+            logits = self.logits_from_parts(parts, *self._sequence_items(unpooled))
+        return self._with_wide(logits, sparse, sequence), sq
+
+    def _with_wide(
+        self, logits: torch.Tensor, sparse: KeyedJaggedTensor, sequence: KeyedJaggedTensor | None
+    ) -> torch.Tensor:
+        """logits (B, num_tasks) plus the first-order term (model.wide), if any."""
+        wide = self.sparse_arch.wide_logits(sparse, sequence)
+        return logits if wide is None else logits + wide
 
     def _group_parts(
         self, pooled: KeyedTensor, unpooled: dict[str, JaggedTensor] | None, dense: torch.Tensor
@@ -268,7 +277,7 @@ class RankingModel(nn.Module):
         the same rows with their users' sequences, up to float rounding."""
         pooled, unpooled = self.sparse_arch(sparse, sequence)
         parts = self._group_parts(pooled, unpooled, dense)
-        return self.logits_from_cache(parts, user_index, *cache.flat())
+        return self._with_wide(self.logits_from_cache(parts, user_index, *cache.flat()), sparse, sequence)
 
 
 class RankingOutput(NamedTuple):

@@ -18,12 +18,22 @@ Design choices:
   bag collection. TorchRec's EmbeddingCollection needs one embedding dim for all its tables; a schema
   whose sequence tables differ is a schema error. The sequence's max length is enforced by the reader,
   which keeps the most recent items.
+- The first-order (wide) term (`model.wide`): one small table per ID feature of the schema's `sparse`
+  list, `wide_<feature>`, whose row holds the id's learned bias for each task, pooled like the feature and
+  summed over features into (B, num_tasks) (Wide & Deep's wide part, FM's first order). Its tables are
+  ordinary TorchRec bags, so the planner shards them and the fused sparse optimizer trains them like the
+  others. FBGEMM's tables need an embedding dim that is a multiple of 4, so a row holds num_tasks biases
+  rounded up to a multiple of 4 and the rest stay unused (their gradient is 0). They start at 0: the
+  model starts as without them. Two bag collections, because TorchRec's pipeline needs each sharded module
+  fed a KJT straight from the batch: the features in `features` and those in `unpooled` (sequence=longer
+  moves the candidate item id there).
 - This module owns no distribution: `pipeline.sharding` shards it with `DistributedModelParallel`.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import nn
@@ -149,6 +159,23 @@ def _mean_pool_indices(
     return torch.tensor(index, device=device), torch.tensor(dims, device=device)
 
 
+def wide_bag_configs(schema: Schema, keys: list[str], width: int) -> list[EmbeddingBagConfig]:
+    """The first-order term's tables of the schema's `sparse` features among `keys`: `wide_<feature>`, one
+    row of `width` per id, starting at 0."""
+    return [
+        EmbeddingBagConfig(
+            name=f"wide_{f.name}",
+            num_embeddings=f.num_embeddings,
+            embedding_dim=width,
+            feature_names=[f.name],
+            pooling=PoolingType.SUM,
+            init_fn=torch.nn.init.zeros_,
+        )
+        for f in schema.sparse
+        if f.name in keys
+    ]
+
+
 def embedding_configs(schema: Schema, keys: list[str], dtype: str = "fp32") -> list[EmbeddingConfig]:
     """Unpooled table configs for the embedding collection, stored as `dtype`; one embedding dim for all
     (TorchRec's rule)."""
@@ -182,6 +209,7 @@ class SparseArch(nn.Module):
         sequence: str = "mean_pool",
         device: torch.device | None = None,
         table_dtype: str = "fp32",
+        wide: bool = False,
     ):
         super().__init__()
         self.pooled_keys, self.unpooled_keys = input_keys(schema, sequence)
@@ -197,6 +225,52 @@ class SparseArch(nn.Module):
             if self.unpooled_keys
             else None
         )
+        self.num_tasks = len(schema.labels)
+        self.wide_width = 4 * math.ceil(self.num_tasks / 4)  # FBGEMM: a multiple of 4
+        self.wide_bags: nn.ModuleList = nn.ModuleList()  # [on `features`, on `unpooled`], when model.wide
+        self.wide_mean_keys: list[tuple[str, ...]] = []
+        if wide:
+            for keys in (self.pooled_keys, self.unpooled_keys):
+                configs = wide_bag_configs(schema, keys, self.wide_width)
+                bags = EmbeddingBagCollection(tables=configs, device=device) if configs else None
+                self.wide_bags.append(bags or nn.Identity())  # Identity: no feature of this KJT
+                pooling = {f.name: f.pooling for f in schema.sparse}
+                self.wide_mean_keys.append(
+                    tuple(n for c in configs for n in c.feature_names if pooling[n] == "mean")
+                )
+
+    def wide_collections(self) -> list[tuple[EmbeddingBagCollection, tuple[str, ...]]]:
+        """The first-order term's bag collections (model.wide) with their mean-pooled features."""
+        pairs = zip(self.wide_bags, self.wide_mean_keys)
+        return [(bags, mean) for bags, mean in pairs if not isinstance(bags, nn.Identity)]
+
+    @property
+    def wide_tables(self) -> set[str]:
+        return {c.name for bags, _ in self.wide_collections() for c in bags.embedding_bag_configs()}
+
+    def table_names(self) -> list[str]:
+        """Every table this arch looks up (the planner's per-table constraints), sorted."""
+        names = [c.name for c in self.embedding_bag_collection.embedding_bag_configs()]
+        if self.embedding_collection is not None:
+            names += [c.name for c in self.embedding_collection.embedding_configs()]
+        return sorted({*names, *self.wide_tables})
+
+    def wide_logits(
+        self, features: KeyedJaggedTensor, unpooled: KeyedJaggedTensor | None = None
+    ) -> torch.Tensor | None:
+        """The first-order term (B, num_tasks): each feature's pooled per-id biases, summed over features;
+        None without model.wide."""
+        total = None
+        for bags, mean_keys, kjt in zip(self.wide_bags, self.wide_mean_keys, (features, unpooled)):
+            if isinstance(bags, nn.Identity):  # no feature of this KJT (a sharded collection is no EBC)
+                continue
+            pooled = bags(kjt)
+            if mean_keys:
+                pooled = mean_pool(pooled, kjt, mean_keys)
+            values = pooled.values()  # (B, F * width), one width per feature
+            term = values.unflatten(1, (-1, self.wide_width)).sum(1)[:, : self.num_tasks]  # (B, T)
+            total = term if total is None else total + term
+        return total
 
     def forward(
         self, features: KeyedJaggedTensor, unpooled: KeyedJaggedTensor | None = None

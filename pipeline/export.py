@@ -100,6 +100,11 @@ def wiring(model: RankingModel, schema: Schema) -> Wiring:
             pooled.append((name, table_of[name], pooling_of[name], dims[name]))
         for name in fg.loose_features[g]:
             pooled.append((name, table_of[name], loose_pooling[name], dims[name]))
+    sa = model.sparse_arch
+    for bags, mean_keys in sa.wide_collections():  # the first-order term (model.wide), after the rest
+        for c in bags.embedding_bag_configs():
+            (name,) = c.feature_names
+            pooled.append((name, c.name, "mean" if name in mean_keys else "sum", c.embedding_dim))
     seq = [(f, table_of[f]) for f in model.seq_features]
     return Wiring(pooled, seq)
 
@@ -120,10 +125,17 @@ class DensePath(nn.Module):
         )
         self.__dict__["model"] = model
         fg = model.feature_groups
-        start, cols = 0, {}
-        for name, _, _, dim in wire.pooled:
-            cols[name] = list(range(start, start + dim))
+        start, cols, wide_cols = 0, {}, []
+        wide_tables = model.sparse_arch.wide_tables
+        for name, table, _, dim in wire.pooled:
+            if table in wide_tables:
+                wide_cols += range(start, start + dim)
+            else:
+                cols[name] = list(range(start, start + dim))
             start += dim
+        # the first-order term's columns (model.wide): one width of per-task biases per feature
+        self.wide_width, self.num_tasks = model.sparse_arch.wide_width, model.sparse_arch.num_tasks
+        self.register_buffer("wide_cols", torch.tensor(wide_cols, dtype=torch.long), persistent=False)
         self.groups = [g for g in fg.groups if fg.emb_features[g] or fg.loose_features[g]]
         for g in self.groups:
             idx = [c for n in (*fg.emb_features[g], *fg.loose_features[g]) for c in cols[n]]
@@ -142,8 +154,15 @@ class DensePath(nn.Module):
                 out[g] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         return out
 
+    def with_wide(self, logits: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """logits (B, T) plus the first-order term from its pooled columns, as `SparseArch.wide_logits`."""
+        if self.wide_cols.numel() == 0:
+            return logits
+        biases = pooled.index_select(1, self.wide_cols).unflatten(1, (-1, self.wide_width))  # (B, F, width)
+        return logits + biases.sum(1)[:, : self.num_tasks]
+
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor, *sequence: torch.Tensor) -> torch.Tensor:
-        return self.model.logits_from_parts(self.parts(dense, pooled), *sequence)  # (B, T)
+        return self.with_wide(self.model.logits_from_parts(self.parts(dense, pooled), *sequence), pooled)
 
 
 class EncodeUser(nn.Module):
@@ -168,7 +187,8 @@ class ScoreCandidates(nn.Module):
     def forward(
         self, dense: torch.Tensor, pooled: torch.Tensor, user_index: torch.Tensor, *cache: torch.Tensor
     ) -> torch.Tensor:
-        return self.path.model.logits_from_cache(self.path.parts(dense, pooled), user_index, *cache)
+        logits = self.path.model.logits_from_cache(self.path.parts(dense, pooled), user_index, *cache)
+        return self.path.with_wide(logits, pooled)
 
 
 def _export(name: str, module: nn.Module, args: tuple, dynamic: Any, path: Path) -> None:
@@ -301,6 +321,8 @@ def _tables(model: RankingModel) -> dict[str, nn.Module]:
     out = dict(sa.embedding_bag_collection.embedding_bags.items())
     if sa.embedding_collection is not None:
         out.update(sa.embedding_collection.embeddings.items())
+    for bags, _ in sa.wide_collections():
+        out.update(bags.embedding_bags.items())
     return out
 
 

@@ -102,7 +102,7 @@ def build_model(
         task_weights=loss_task_weights(schema, cfg.trainer.task_weights),
     )
     fuse_sparse_optimizer(model.sparse_arch, cfg.optim.sparse)
-    dmp, _ = shard_model(wrapper, table_names(schema), cfg.sharding, info, cfg.data.batch_size)
+    dmp, _ = shard_model(wrapper, table_names(model), cfg.sharding, info, cfg.data.batch_size)
     optimizer = build_optimizer(dmp, cfg.optim.dense, lr_scales_by_param(model), total_steps)
     set_initial_accumulator(dmp, cfg.optim.sparse.initial_accumulator_value)
     return dmp, optimizer

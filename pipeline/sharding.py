@@ -26,7 +26,6 @@ from torchrec.distributed.types import CacheParams, ShardingPlan, ShardingType
 
 from models.dense_arch import DenseArch
 from models.ranking import RankingModel
-from models.sparse_arch import embedding_bag_configs
 from pipeline.config import ShardingConfig
 from pipeline.dist import DistInfo
 
@@ -238,8 +237,9 @@ def shard_model(
     return dmp, plan
 
 
-def table_names(schema) -> list[str]:  # noqa: ANN001 - data.schema.Schema
-    return [c.name for c in embedding_bag_configs(schema)]
+def table_names(model: RankingModel) -> list[str]:
+    """Every embedding table of the model: the sharding plan's tables."""
+    return model.sparse_arch.table_names()
 
 
 def ranking_model(dmp: DistributedModelParallel) -> RankingModel:

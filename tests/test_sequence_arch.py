@@ -3,6 +3,7 @@ unpooled EmbeddingCollection path, jagged pooling, and the LONGER output as a gr
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pyarrow as pa
@@ -255,3 +256,29 @@ def test_every_module_but_the_sparse_arch_goes_to_the_jobs_device(mode: str):
         expected = "cpu" if name.startswith("sparse_arch.") else "meta"
         assert t.device.type == expected, name
     assert any(n.startswith("sequence_arch.") for n, _ in model.named_parameters()) == (mode == "longer")
+
+
+@pytest.mark.parametrize("mode", ["none", "mean_pool", "longer"])
+def test_wide_term_adds_each_ids_per_task_bias_in_every_sequence_mode(
+    tmp_path: Path, mode: str
+):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(model_cfg(mode), wide=True)
+    model = RankingModel(SCHEMA, cfg).eval()
+    sa = model.sparse_arch
+    # one wide table per `sparse` feature (not the sequence's), fed from the KJT the feature is in
+    assert sa.wide_tables == {"wide_u", "wide_item"} and {"wide_u", "wide_item"} <= set(sa.table_names())
+    (batch,) = read(write(tmp_path), mode)
+    tables = {name: t for bags, _ in sa.wide_collections() for name, t in bags.embedding_bags.items()}
+    assert all(float(t.weight.abs().max()) == 0 for t in tables.values())  # starts as the model without it
+    base = model(batch.dense, batch.sparse, batch.sequence)
+    with torch.no_grad():
+        for t in tables.values():
+            t.weight.copy_(torch.randn_like(t.weight))
+    wide = model(batch.dense, batch.sparse, batch.sequence) - base  # (B, 1)
+    u, item = torch.tensor([1, 2, 3, 4]), torch.tensor([3, 4, 5, 6])  # the rows' ids (write)
+    expected = tables["wide_u"].weight[u, :1] + tables["wide_item"].weight[item, :1]  # task 0's column
+    torch.testing.assert_close(wide, expected)
+    loss, _ = RankingTrainWrapper(model.train())(batch)
+    loss.backward()
+    assert tables["wide_item"].weight.grad is not None

@@ -1,6 +1,6 @@
 """From checkpoint to predictions through the real launchers: `launch/predict.py` (batch scoring on 2
 gloo ranks), `launch/export.py` (inference artifact) and the TorchRec-free `Predictor`, for RankMixer,
-Sparse-MoE (sparse inference) and LONGER (incl. its KV cache)."""
+Sparse-MoE (sparse inference) and LONGER with the first-order term (model.wide; incl. its KV cache)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from tests.test_train_e2e import LONGER, SMOE, TORCHRUN, ok, run, train_cmd
 
 pytestmark = pytest.mark.slow
 
-MODELS = {"rankmixer": [], "smoe": SMOE, "longer": LONGER}
+# LONGER with model.wide: the wide tables on both KJTs (the candidate item id is looked up unpooled)
+MODELS = {"rankmixer": [], "smoe": SMOE, "longer": [*LONGER, "model.wide=true"]}
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +165,11 @@ def test_exported_fp32_model_scores_as_the_trained_model(
     art, stdout = artifacts(model)
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["parity"]["max_abs_logit_diff"] <= 1e-5, stdout
+    wide = {table for _, table, _, _ in manifest["pooled"] if table.startswith("wide_")}
+    assert (model == "longer") == ("wide_item_id" in wide and "wide_user_id_emb" in wide), wide
+    if wide:  # trained on 2 ranks: the ids seen have biases, which the parity check above served
+        tables = torch.load(art / "embeddings.pt", weights_only=True)
+        assert float(tables["wide_item_id"]["weight"].abs().max()) > 1e-3
     assert "max |logit - training model's|" in stdout
     # the whole test split: the Predictor (no TorchRec) vs batch scoring of the sharded checkpoint
     pred = tmp_path / "pred"

@@ -86,7 +86,7 @@ def _rank(rank: int, world: int, store: str, out: str, schema_dict: dict) -> Non
     model = RankingModel(schema, MODEL, device=torch.device("meta"))
     wrapper = RankingTrainWrapper(model)
     fuse_sparse_optimizer(model.sparse_arch, SparseOptimConfig(lr=LR, eps=1e-8))
-    dmp, plan = shard_model(wrapper, table_names(schema), ShardingConfig(types=["table_wise"]), info, B)
+    dmp, plan = shard_model(wrapper, table_names(model), ShardingConfig(types=["table_wise"]), info, B)
 
     owners = {t: list(ps.ranks) for t, ps in plan.plan["model.sparse_arch.embedding_bag_collection"].items()}
     held = []
