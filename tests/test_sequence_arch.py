@@ -259,9 +259,7 @@ def test_every_module_but_the_sparse_arch_goes_to_the_jobs_device(mode: str):
 
 
 @pytest.mark.parametrize("mode", ["none", "mean_pool", "longer"])
-def test_wide_term_adds_each_ids_per_task_bias_in_every_sequence_mode(
-    tmp_path: Path, mode: str
-):
+def test_wide_term_adds_each_ids_per_task_bias_in_every_sequence_mode(tmp_path: Path, mode: str):
     torch.manual_seed(0)
     cfg = dataclasses.replace(model_cfg(mode), wide=True)
     model = RankingModel(SCHEMA, cfg).eval()
