@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from data.batch import RecBatch
 
 
+# TorchRec's managed-collision modules mark an empty slot with the largest int64
+ZCH_EMPTY_ID = 2**63 - 1
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file, row group, column and offending value."""
 
@@ -299,7 +303,15 @@ class Decoder:
             v = flat.to_numpy(zero_copy_only=False).astype(np.int64)
             if isinstance(f, SequenceFeature):
                 offsets, v = self._keep_last(offsets, v, self.schema.sequence.max_len)
-        if f.hash:
+        if f.zch is not None:  # raw ids, remapped by the model's managed-collision module
+            bad = np.flatnonzero(v == ZCH_EMPTY_ID)
+            if len(bad):
+                row = int(np.searchsorted(offsets, bad[0], side="right") - 1)
+                raise DataError(
+                    f"{where}, column {f.column!r}: id {ZCH_EMPTY_ID} (row {row}) is reserved by managed "
+                    "collisions (zch) for an empty slot"
+                )
+        elif f.hash:
             v = hash_ids(v, f.num_embeddings)
         else:
             bad = np.flatnonzero((v < 0) | (v >= f.num_embeddings))

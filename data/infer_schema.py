@@ -14,8 +14,11 @@ each column's role, with a comment on every guess the user should check:
 - The user id: `user_id` / `uid` / `userid`, else the first integer column named like `user*id`. The item
   id (the candidate's): the integer column named like a candidate group's id (`item_id`, `movieId`,
   `video_id`: CANDIDATE_GROUPS, in that order), else the first other id-named one (`*_id`, `iid`).
-- Integer columns are ID features: `num_embeddings` = max + 1 over all files' statistics; negative ids or a
-  vocabulary above `--hash-threshold` get `hash: true` and a table sized from the sample's distinct count.
+- Integer columns are ID features: `num_embeddings` = max + 1 over all files' statistics. Negative ids or a
+  vocabulary above `--hash-threshold` get a table sized from the sample's distinct count: a single-valued
+  column (raw 64-bit ids, say) managed collisions (`zch: {eviction: lfu}`: each id its own row while it is
+  in use), a list column `hash: true` (zch needs a bound on a batch's ids); a sequence sharing a zch
+  table is zch too.
 - List<int> columns: those whose row lengths are equal on every sampled row form the behaviour sequence
   (aligned columns, e.g. item ids and actions), the others are multi-hot bags. A sequence column shares the
   table of the scalar ID column it names (`seq_item_id` -> `item_id`, `seq_category` -> `item_category`),
@@ -312,8 +315,14 @@ def _id_feature(
     d: dict = {"name": name, "group": ""}  # groups: _assign_groups, once every feature is known
     if lo < 0 or hi + 1 > threshold:
         n = _hashed_size(values, threshold)
-        d.update(num_embeddings=n, embedding_dim=_dim(n), hash=True)
-        _note(notes, name, f"ids in [{lo}, {hi}]: hashed into {n} buckets (~2x the sample's distinct ids)")
+        d.update(num_embeddings=n, embedding_dim=_dim(n))
+        size = f"{n} rows (~2x the sample's distinct ids)"
+        if multi:
+            d["hash"] = True
+            _note(notes, name, f"ids in [{lo}, {hi}]: hashed into {size}")
+        else:
+            d["zch"] = {"eviction": "lfu"}
+            _note(notes, name, f"ids in [{lo}, {hi}]: managed collisions (zch) in {size}")
     else:
         d.update(num_embeddings=int(hi) + 1, embedding_dim=_dim(int(hi) + 1))
     return d
@@ -434,10 +443,14 @@ def _share_tables(out: Inferred, files: Sequence[Path], sample: pa.Table) -> Non
     for members in tables.values():
         rows = max(d["num_embeddings"] for d in members)
         hashed = any(d.get("hash") for d in members)
+        zch = next((d["zch"] for d in members if d.get("zch")), None)
         for d in members:
             d.update(num_embeddings=rows, embedding_dim=SEQUENCE_DIM)
             d.pop("hash", None)
-            if hashed:
+            d.pop("zch", None)
+            if zch:  # the scalar id's managed collisions: the history's ids are the same raw ids
+                d["zch"] = dict(zch)
+            elif hashed:
                 d["hash"] = True
     for s in out.sequence:
         s.pop("group", None)

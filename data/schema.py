@@ -13,13 +13,18 @@ KJT key order: sparse features in schema order, then sequence features.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 MISSING_SUFFIX = "__missing"
+
+
+def _plain_value(value: Any) -> Any:
+    """A field's value as YAML holds it: a nested spec (ZchSpec) as its mapping."""
+    return {f.name: getattr(value, f.name) for f in fields(value)} if is_dataclass(value) else value
 
 
 class SchemaError(ValueError):
@@ -36,6 +41,16 @@ class DenseFeature:
 
 
 @dataclass(frozen=True)
+class ZchSpec:
+    """Managed collisions (`zch:` on a feature; its table's): raw int64 ids of any range, each given a row of
+    the table while it is in use, the least frequently (lfu) or least recently (lru) used one evicted when
+    the table is full; unseen ids at evaluation and serving take a reserved default row (models/zch.py)."""
+
+    eviction: str = "lfu"  # lfu | lru
+    eviction_interval: int = 1  # training steps between admissions; 1: a batch's new ids get rows at once
+
+
+@dataclass(frozen=True)
 class SparseFeature:
     name: str
     column: str
@@ -46,6 +61,7 @@ class SparseFeature:
     multi_hot: bool = False  # list<int64> column instead of an int64 column
     hash: bool = False  # map raw ids into [0, num_embeddings) (data.hashing) instead of rejecting them
     table: str | None = None  # features naming the same table share one embedding table
+    zch: ZchSpec | None = None  # managed collisions: raw ids of any range (single-valued features only)
 
     @property
     def table_name(self) -> str:
@@ -60,6 +76,7 @@ class SequenceFeature:
     embedding_dim: int
     hash: bool = False
     table: str | None = None
+    zch: ZchSpec | None = None  # as SparseFeature.zch (a table shared with a zch feature must say so too)
 
     @property
     def table_name(self) -> str:
@@ -131,6 +148,11 @@ class Schema:
         return tuple(out)
 
     @property
+    def zch_tables(self) -> dict[str, ZchSpec]:
+        """{table: its managed-collision spec} of the tables with `zch`."""
+        return {f.table_name: f.zch for f in (*self.sparse, *self.sequence_features) if f.zch is not None}
+
+    @property
     def sparse_keys(self) -> tuple[str, ...]:
         """KJT key order: sparse features in schema order, then sequence features."""
         return tuple(f.name for f in self.sparse) + tuple(f.name for f in self.sequence_features)
@@ -174,7 +196,7 @@ class Schema:
         """The mapping `from_dict` accepts (round-trips)."""
 
         def plain(obj: Any) -> dict[str, Any]:
-            return {f.name: getattr(obj, f.name) for f in fields(obj)}
+            return {f.name: _plain_value(getattr(obj, f.name)) for f in fields(obj)}
 
         d: dict[str, Any] = {
             "name": self.name,

@@ -19,10 +19,12 @@ from data.schema import (
     SequenceFeature,
     SequenceSpec,
     SparseFeature,
+    ZchSpec,
 )
 
 _ON_MISSING = ("error", "fill")
 _SPARSE_POOLING = ("sum", "mean")
+_ZCH_EVICTION = ("lfu", "lru")
 _SEQUENCE_POOLING = ("mean", "sum", "none")
 _ROLES = ("candidate", "user")
 
@@ -119,9 +121,15 @@ class _Parser:
             d,
             path,
             required=("name", "num_embeddings", "embedding_dim", "group"),
-            optional=("column", "pooling", "multi_hot", "hash", "table"),
+            optional=("column", "pooling", "multi_hot", "hash", "table", "zch"),
         )
         name = self._str(d["name"], f"{path}.name")
+        zch = self.zch(d.get("zch"), f"{path}.zch", hashed=bool(d.get("hash")))
+        if zch is not None and d.get("multi_hot"):
+            raise SchemaError(
+                f"{path}.zch: managed collisions take single-valued features (a list column has no bound on "
+                "the ids a batch brings); hash its ids (hash: true) instead"
+            )
         return SparseFeature(
             name=name,
             column=self._str(d.get("column", name), f"{path}.column"),
@@ -132,6 +140,19 @@ class _Parser:
             multi_hot=self._bool(d.get("multi_hot", False), f"{path}.multi_hot"),
             hash=self._bool(d.get("hash", False), f"{path}.hash"),
             table=None if d.get("table") is None else self._str(d["table"], f"{path}.table"),
+            zch=zch,
+        )
+
+    def zch(self, d: Any, path: str, hashed: bool) -> ZchSpec | None:
+        """`zch: {eviction: lfu|lru, eviction_interval: K}` (`zch: {}`: lfu, every step), or None."""
+        if d is None:
+            return None
+        self._mapping(d, path, required=(), optional=("eviction", "eviction_interval"))
+        if hashed:
+            raise SchemaError(f"{path}: zch and hash: true exclude each other (zch takes the raw ids)")
+        return ZchSpec(
+            eviction=self._choice(d.get("eviction", "lfu"), f"{path}.eviction", _ZCH_EVICTION),
+            eviction_interval=self._pos_int(d.get("eviction_interval", 1), f"{path}.eviction_interval"),
         )
 
     def sequence(self, d: Any, path: str, groups: tuple[str, ...]) -> SequenceSpec:
@@ -143,7 +164,7 @@ class _Parser:
                 x,
                 p,
                 required=("name", "num_embeddings", "embedding_dim"),
-                optional=("column", "hash", "table"),
+                optional=("column", "hash", "table", "zch"),
             )
             name = self._str(x["name"], f"{p}.name")
             feats.append(
@@ -154,6 +175,7 @@ class _Parser:
                     embedding_dim=self._pos_int(x["embedding_dim"], f"{p}.embedding_dim"),
                     hash=self._bool(x.get("hash", False), f"{p}.hash"),
                     table=None if x.get("table") is None else self._str(x["table"], f"{p}.table"),
+                    zch=self.zch(x.get("zch"), f"{p}.zch", hashed=bool(x.get("hash"))),
                 )
             )
         if not feats:
@@ -215,7 +237,7 @@ class _Parser:
                 first[f.table_name] = (p, f)
                 continue
             p0, f0 = first[f.table_name]
-            for attr in ("num_embeddings", "embedding_dim", "hash"):
+            for attr in ("num_embeddings", "embedding_dim", "hash", "zch"):
                 if getattr(f, attr) != getattr(f0, attr):
                     raise SchemaError(
                         f"{p}.{attr}: table {f.table_name!r} is shared with {p0} which has "

@@ -54,7 +54,9 @@ def plan_report(cfg: TrainConfig, world_size: int, local_world_size: int, device
     model = RankingModel(schema, cfg.model, device=torch.device("meta"))
     fuse_sparse_optimizer(model.sparse_arch, cfg.optim.sparse)  # optimizer state counts in the storage
     wrapper = RankingTrainWrapper(model, None, device)
-    planner = make_planner(cfg.sharding, info, table_names(model), cfg.data.batch_size)
+    planner = make_planner(
+        cfg.sharding, info, table_names(model), cfg.data.batch_size, model.sparse_arch.zch_tables
+    )
     capacity = topology(cfg.sharding, info).devices[0].storage
     try:
         plan = planner.plan(wrapper, sharders())

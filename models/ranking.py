@@ -71,6 +71,7 @@ class RankingModel(nn.Module):
         model_cfg: ModelConfig,
         device: torch.device | None = None,
         negative_rate: float = 1.0,
+        zch_buckets: int = 1,
     ) -> None:
         super().__init__()
         # Trained on down-sampled negatives (data.negative_rate), a task whose negatives were kept at rate r_t
@@ -83,7 +84,12 @@ class RankingModel(nn.Module):
         dense_proj_dim = model_cfg.dense_proj_dim
         self.sequence_mode, longer_cfg = model_cfg.sequence, model_cfg.longer
         self.sparse_arch = SparseArch(
-            schema, self.sequence_mode, device=device, table_dtype=model_cfg.table_dtype, wide=model_cfg.wide
+            schema,
+            self.sequence_mode,
+            device=device,
+            table_dtype=model_cfg.table_dtype,
+            wide=model_cfg.wide,
+            zch_buckets=zch_buckets,  # one per rank: the managed-collision tables' row-wise shards
         )
         self.sequence_arch: Longer | None = None
         self.pooled_unpooled: list[tuple[str, str]] = []  # (feature, pooling) looked up unpooled, then pooled

@@ -27,6 +27,13 @@ Design choices:
   model starts as without them. Two bag collections, because TorchRec's pipeline needs each sharded module
   fed a KJT straight from the batch: the features in `features` and those in `unpooled` (sequence=longer
   moves the candidate item id there).
+- Managed collisions (`zch:` on a table, `ZchSpec`): its bags go into a TorchRec
+  `ManagedCollisionEmbeddingBagCollection`, whose per-table module maps raw int64 ids to rows (admitting
+  new ids in training, evicting by LFU/LRU when full, unseen ids to the table's reserved last row at
+  evaluation). It is fed the same KJT as the plain bags (each takes its own keys) and its pooled output
+  joins theirs (`concat_keyed`). `input_hash_size=0` routes ids to ranks by id modulo the buckets (TorchRec's
+  default sends every id below 2^62 to rank 0); one bucket per rank (`zch_buckets`), as the row-wise
+  sharding TorchRec allows for it requires. Tables looked up unpooled (sequence=longer) cannot be zch yet.
 - This module owns no distribution: `pipeline.sharding` shards it with `DistributedModelParallel`.
 """
 
@@ -39,9 +46,16 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from torchrec.modules.mc_modules import (
+    LFU_EvictionPolicy,
+    LRU_EvictionPolicy,
+    ManagedCollisionCollection,
+    MCHManagedCollisionModule,
+)
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from data.schema import Schema, SchemaError
+from data.schema import Schema, SchemaError, ZchSpec
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 _DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}  # model.table_dtype
@@ -159,6 +173,39 @@ def _mean_pool_indices(
     return torch.tensor(index, device=device), torch.tensor(dims, device=device)
 
 
+@torch.fx.wrap  # one node for TorchRec's pipeline tracer: key lists are not traceable
+def concat_keyed(a: KeyedTensor, b: KeyedTensor) -> KeyedTensor:
+    """Two KeyedTensors of the same rows as one (a's keys, then b's)."""
+    return KeyedTensor(
+        keys=[*a.keys(), *b.keys()],
+        length_per_key=[*a.length_per_key(), *b.length_per_key()],
+        values=torch.cat([a.values(), b.values()], dim=1),
+    )
+
+
+def managed_collision_bags(
+    configs: list[EmbeddingBagConfig], specs: dict[str, ZchSpec], device: torch.device | None, buckets: int
+) -> ManagedCollisionEmbeddingBagCollection:
+    """The bags of the zch tables behind TorchRec's managed-collision modules (one per table)."""
+    policies = {"lfu": LFU_EvictionPolicy, "lru": LRU_EvictionPolicy}
+    modules = {
+        c.name: MCHManagedCollisionModule(
+            zch_size=c.num_embeddings,
+            device=device,
+            eviction_policy=policies[specs[c.name].eviction](),
+            eviction_interval=specs[c.name].eviction_interval,
+            input_hash_size=0,  # route by id modulo buckets (the default sends ids < 2^62 to rank 0)
+            buckets=buckets,
+        )
+        for c in configs
+    }
+    return ManagedCollisionEmbeddingBagCollection(
+        EmbeddingBagCollection(tables=configs, device=device),
+        ManagedCollisionCollection(modules, configs),
+        return_remapped_features=False,
+    )
+
+
 def wide_bag_configs(schema: Schema, keys: list[str], width: int) -> list[EmbeddingBagConfig]:
     """The first-order term's tables of the schema's `sparse` features among `keys`: `wide_<feature>`, one
     row of `width` per id, starting at 0."""
@@ -172,7 +219,7 @@ def wide_bag_configs(schema: Schema, keys: list[str], width: int) -> list[Embedd
             init_fn=torch.nn.init.zeros_,
         )
         for f in schema.sparse
-        if f.name in keys
+        if f.name in keys and f.zch is None  # raw ids index no table: a zch feature has no wide term yet
     ]
 
 
@@ -210,14 +257,27 @@ class SparseArch(nn.Module):
         device: torch.device | None = None,
         table_dtype: str = "fp32",
         wide: bool = False,
+        zch_buckets: int = 1,
     ):
         super().__init__()
         self.pooled_keys, self.unpooled_keys = input_keys(schema, sequence)
         self.poolings = feature_poolings(schema, self.pooled_keys)
         self.mean_keys = tuple(k for k, p in self.poolings.items() if p == "mean")  # fx takes no sets
-        self.embedding_bag_collection = EmbeddingBagCollection(
-            tables=embedding_bag_configs(schema, self.pooled_keys, table_dtype), device=device
-        )
+        bag_configs = embedding_bag_configs(schema, self.pooled_keys, table_dtype)
+        zch = schema.zch_tables
+        unpooled_zch = sorted({t.name for t in embedding_configs(schema, self.unpooled_keys)} & set(zch))
+        if unpooled_zch:
+            raise SchemaError(
+                f"tables {unpooled_zch}: zch on a table looked up unpooled (model.sequence=longer) is not "
+                "supported; use hash: true there or model.sequence=mean_pool"
+            )
+        plain = [c for c in bag_configs if c.name not in zch]
+        if not plain:
+            raise SchemaError("zch on every table: keep at least one table without it")
+        self.embedding_bag_collection = EmbeddingBagCollection(tables=plain, device=device)
+        zch_configs = [c for c in bag_configs if c.name in zch]
+        self.zch_bags = managed_collision_bags(zch_configs, zch, device, zch_buckets) if zch_configs else None
+        self.zch_configs = zch_configs  # plain configs: the sharded module no longer exposes them
         self.embedding_collection = (
             EmbeddingCollection(
                 tables=embedding_configs(schema, self.unpooled_keys, table_dtype), device=device
@@ -245,12 +305,18 @@ class SparseArch(nn.Module):
         return [(bags, mean) for bags, mean in pairs if not isinstance(bags, nn.Identity)]
 
     @property
+    def zch_tables(self) -> set[str]:
+        """The managed-collision tables (row-wise sharded: the only sharding TorchRec has for them)."""
+        return {c.name for c in self.zch_configs}
+
+    @property
     def wide_tables(self) -> set[str]:
         return {c.name for bags, _ in self.wide_collections() for c in bags.embedding_bag_configs()}
 
     def table_names(self) -> list[str]:
         """Every table this arch looks up (the planner's per-table constraints), sorted."""
         names = [c.name for c in self.embedding_bag_collection.embedding_bag_configs()]
+        names += sorted(self.zch_tables)
         if self.embedding_collection is not None:
             names += [c.name for c in self.embedding_collection.embedding_configs()]
         return sorted({*names, *self.wide_tables})
@@ -278,6 +344,11 @@ class SparseArch(nn.Module):
         pooled = self.embedding_bag_collection(features)
         if self.mean_keys:
             pooled = mean_pool(pooled, features, self.mean_keys)
+        if self.zch_bags is not None:
+            remapped, _ = self.zch_bags(features)  # raw ids -> rows, then the bags
+            if self.mean_keys:
+                remapped = mean_pool(remapped, features, self.mean_keys)
+            pooled = concat_keyed(pooled, remapped)
         if self.embedding_collection is None:
             return pooled, None
         return pooled, self.embedding_collection(unpooled)

@@ -85,7 +85,7 @@ def wiring(model: RankingModel, schema: Schema) -> Wiring:
     fg = model.feature_groups
     ebc = model.sparse_arch.embedding_bag_collection
     table_of, pooling_of = {}, dict(model.sparse_arch.poolings)
-    for c in ebc.embedding_bag_configs():
+    for c in ebc.embedding_bag_configs() + model.sparse_arch.zch_configs:
         for f in c.feature_names:
             table_of[f] = c.name
     loose_pooling = dict(model.pooled_unpooled)
@@ -256,7 +256,10 @@ def export(
 
     with atomic_dir(out) as tmp:  # the artifact appears whole or not at all
         tables = {name: t.weight.detach() for name, t in _tables(model).items()}
-        torch.save({name: quantize_rows(w, quantize) for name, w in tables.items()}, tmp / "embeddings.pt")
+        stored = {name: quantize_rows(w, quantize) for name, w in tables.items()}
+        for name, remap in zch_remaps(model).items():  # managed collisions: raw id -> row, for lookup_rows
+            stored[name].update(remap)
+        torch.save(stored, tmp / "embeddings.pt")
         manifest = {
             "format": FORMAT_VERSION,
             "checkpoint": str(checkpoint),
@@ -315,10 +318,28 @@ def export(
     return manifest
 
 
+def zch_remaps(model: RankingModel) -> dict[str, dict[str, torch.Tensor]]:
+    """{zch table: {"zch_sorted_ids", "zch_rows"}}: each managed-collision module's sorted raw ids and
+    their rows, as loaded into this unsharded model (TorchRec merges and re-sorts the shards on load)."""
+    mc = model.sparse_arch.zch_bags
+    if mc is None:
+        return {}
+    modules = mc._managed_collision_collection._managed_collision_modules  # TorchRec's own attribute names
+    return {
+        table: {
+            "zch_sorted_ids": m._mch_sorted_raw_ids.clone(),
+            "zch_rows": m._mch_remapped_ids_mapping.clone(),
+        }
+        for table, m in modules.items()
+    }
+
+
 def _tables(model: RankingModel) -> dict[str, nn.Module]:
     """Every embedding table module of the sparse arch by table name (bags and unpooled)."""
     sa = model.sparse_arch
     out = dict(sa.embedding_bag_collection.embedding_bags.items())
+    if sa.zch_bags is not None:
+        out.update(sa.zch_bags._embedding_module.embedding_bags.items())  # the bags behind the remapping
     if sa.embedding_collection is not None:
         out.update(sa.embedding_collection.embeddings.items())
     for bags, _ in sa.wide_collections():

@@ -30,7 +30,7 @@ from pipeline.dist import DistInfo, broadcast_object, describe_job, init_distrib
 from pipeline.optim import build_optimizer, fuse_sparse_optimizer, set_initial_accumulator
 from pipeline.run_dir import RunDir
 from pipeline.run_log import setup_logging
-from pipeline.sharding import shard_model, table_names
+from pipeline.sharding import shard_model, size_zch_history, table_names
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def build_model(
 ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     """RankingModel (tables on meta, materialised by sharding) -> fused sparse optim -> DMP -> optimizer.
     `total_steps`: the training run's length, where a cosine lr schedule ends (0: not training)."""
-    model = RankingModel(schema, cfg.model, torch.device("meta"), cfg.data.negative_rate)
+    model = RankingModel(schema, cfg.model, torch.device("meta"), cfg.data.negative_rate, info.world_size)
     place_dense_modules(model, info.device)
     autocast = autocast_dtype(cfg.trainer.autocast, info.device)
     wrapper = RankingTrainWrapper(
@@ -103,6 +103,8 @@ def build_model(
     )
     fuse_sparse_optimizer(model.sparse_arch, cfg.optim.sparse)
     dmp, _ = shard_model(wrapper, table_names(model), cfg.sharding, info, cfg.data.batch_size)
+    if model.sparse_arch.zch_bags is not None:
+        size_zch_history(dmp, schema, cfg.data.batch_size, info.world_size)
     optimizer = build_optimizer(dmp, cfg.optim.dense, lr_scales_by_param(model), total_steps)
     set_initial_accumulator(dmp, cfg.optim.sparse.initial_accumulator_value)
     return dmp, optimizer

@@ -47,8 +47,20 @@ def quantize_rows(weight: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
     return {"codes": codes, "scale": scale, "bias": lo}
 
 
+def zch_rows(table: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """Raw ids (n,) -> rows of a managed-collision table, as its trained module maps them at evaluation:
+    an id the table holds gets its row, any other id the table's reserved last row (TorchRec's MCH remap,
+    on the table's sorted raw ids and their rows, all shards merged)."""
+    sorted_ids, rows = table["zch_sorted_ids"], table["zch_rows"]  # (N,), (N,)
+    pos = torch.searchsorted(sorted_ids[:-1], ids)  # (n,)
+    return torch.where(sorted_ids[pos] == ids, rows[pos], sorted_ids.numel() - 1)
+
+
 def lookup_rows(table: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` (n,) of a stored table as fp32 (n, d)."""
+    """Rows `ids` (n,) of a stored table as fp32 (n, d); a managed-collision table's raw ids are mapped
+    to its rows first (`zch_rows`)."""
+    if "zch_sorted_ids" in table:
+        ids = zch_rows(table, ids)
     if "codes" in table:
         return table["codes"][ids].float() * table["scale"][ids, None] + table["bias"][ids, None]
     return table["weight"][ids].float()

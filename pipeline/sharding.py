@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.mc_embedding_modules import BaseShardedManagedCollisionEmbeddingCollection
+from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
@@ -23,7 +25,9 @@ from torchrec.distributed.planner.types import KernelConfig, PlannerError, Topol
 from torchrec.distributed.planner.types import TrainerConfig as PlannerTrainerConfig
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import CacheParams, ShardingPlan, ShardingType
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from data.schema import Schema
 from models.dense_arch import DenseArch
 from models.ranking import RankingModel
 from pipeline.config import ShardingConfig
@@ -56,7 +60,7 @@ def compute_kernels(cfg: ShardingConfig) -> list[str]:
 
 
 def planner_constraints(
-    cfg: ShardingConfig, table_names: list[str], device_type: str
+    cfg: ShardingConfig, table_names: list[str], device_type: str, zch_tables: set[str] | None = None
 ) -> dict[str, ParameterConstraints]:
     """Per-table `ParameterConstraints` from `sharding.types`, `sharding.per_table` and the kernels.
 
@@ -78,12 +82,27 @@ def planner_constraints(
         else default
         for name in table_names
     }
+    zch_tables = zch_tables or set()
+    for name in sorted(zch_tables & set(cfg.per_table)):
+        if cfg.per_table[name] != [ShardingType.ROW_WISE.value]:
+            raise ValueError(
+                f"sharding.per_table.{name}: a zch table shards row-wise only (TorchRec's managed-collision "
+                f"sharding), got {cfg.per_table[name]}"
+            )
+    for name in zch_tables:  # row-wise, on the fused kernel (the CPU cost model knows no other for them)
+        types[name] = [ShardingType.ROW_WISE.value]
     dp = ShardingType.DATA_PARALLEL.value
     return {
         name: ParameterConstraints(
             sharding_types=types[name],
             # a data_parallel table is a replicated dense parameter: TorchRec's dense kernel only
-            compute_kernels=kernels + ["dense"] if dp in types[name] and not cfg.compute_kernels else kernels,
+            compute_kernels=(
+                [EmbeddingComputeKernel.FUSED.value]
+                if name in zch_tables
+                else kernels + ["dense"]
+                if dp in types[name] and not cfg.compute_kernels
+                else kernels
+            ),
             cache_params=CacheParams(load_factor=cfg.cache_load_factor) if caching else None,
         )
         for name in table_names
@@ -153,11 +172,17 @@ class OrderedEnumerator(EmbeddingEnumerator):
         return [k for k in dict.fromkeys([*order, *allowed_compute_kernels]) if k in kept]
 
 
-def make_planner(cfg: ShardingConfig, info: DistInfo, table_names: list[str], batch_size: int) -> Any:
+def make_planner(
+    cfg: ShardingConfig,
+    info: DistInfo,
+    table_names: list[str],
+    batch_size: int,
+    zch_tables: set[str] | None = None,
+) -> Any:
     """TorchRec's planner for this job's tables on its topology (`topology`), within the config's
     constraints (`planner_constraints`), deterministic (`OrderedEnumerator`)."""
     topo = topology(cfg, info)
-    constraints = planner_constraints(cfg, table_names, info.device.type)
+    constraints = planner_constraints(cfg, table_names, info.device.type, zch_tables)
     return EmbeddingShardingPlanner(
         topology=topo,
         batch_size=batch_size,
@@ -167,11 +192,51 @@ def make_planner(cfg: ShardingConfig, info: DistInfo, table_names: list[str], ba
 
 
 def sharders() -> list:
-    """TorchRec's default sharders, with the bag sharder that also shards row-wise on CPU."""
-    return [
-        RowWiseOnCPUEmbeddingBagCollectionSharder() if type(s) is EmbeddingBagCollectionSharder else s
-        for s in get_default_sharders()
-    ]
+    """TorchRec's default sharders, with the bag sharder that also shards row-wise on CPU, and the
+    managed-collision bags' sharder built on it (its row-wise-only sharding would find no type on CPU)."""
+    bags = RowWiseOnCPUEmbeddingBagCollectionSharder
+    out = [bags() if type(s) is EmbeddingBagCollectionSharder else s for s in get_default_sharders()]
+    out = [s for s in out if not isinstance(s, ManagedCollisionEmbeddingBagCollectionSharder)]
+    return [*out, ManagedCollisionEmbeddingBagCollectionSharder(ebc_sharder=bags())]
+
+
+def size_zch_history(dmp: DistributedModelParallel, schema: Schema, batch_size: int, world_size: int) -> None:
+    """Size each managed-collision module's id history for the most ids one training step can route to a
+    rank (batch x ranks x the table's features, a sequence feature counting max_len). TorchRec sizes it
+    from the first batch it sees and silently drops the ids of a later, larger batch beyond it: they would
+    never get a row."""
+    per_row: dict[str, int] = {}
+    for f in (*schema.sparse, *schema.sequence_features):
+        if f.zch is not None:
+            n = schema.sequence.max_len if f in schema.sequence_features else 1  # type: ignore[union-attr]
+            per_row[f.table_name] = per_row.get(f.table_name, 0) + n
+    collection = ranking_model(dmp).sparse_arch.zch_bags._managed_collision_collection
+    for table, module in collection._managed_collision_modules.items():
+        n = batch_size * world_size * per_row[table]
+        ids = torch.empty(n, dtype=torch.int64, device=module.device)
+        module._init_history_buffers({table: JaggedTensor(values=ids, lengths=torch.tensor([n]))})
+
+
+def _evict_and_reset_optimizer_state(self: Any, evictions_per_table: dict[str, torch.Tensor | None]) -> None:
+    """Evicted (and newly admitted) rows of a sharded managed-collision table start fresh: the table's
+    init function for the row and zeros for its fused optimizer state. Replaces TorchRec 1.8's
+    `_evict`, which keeps exact Adagrad's accumulator (a new id inherits the evicted one's squared-gradient
+    sum) and, for row-wise Adagrad, calls a kernel FBGEMM has only on CUDA (a CPU job fails at the first
+    step). Private API: check it on each TorchRec upgrade (tests/test_zch.py fails if it changes)."""
+    for table, rows in evictions_per_table.items():
+        if rows is None or rows.numel() == 0:
+            continue
+        tbe, index = self._table_to_tbe_and_index[table]
+        i, rows = int(index.item()), rows.long()
+        with torch.no_grad():
+            weight = tbe.split_embedding_weights()[i]  # this rank's shard, a view into the TBE
+            init_fn = self._embedding_module._table_name_to_config[table].init_fn
+            weight[rows] = init_fn(weight[rows].clone()).to(weight.dtype)
+            for state in tbe.get_optimizer_state()[i].values():
+                state[rows] = 0
+
+
+BaseShardedManagedCollisionEmbeddingCollection._evict = _evict_and_reset_optimizer_state
 
 
 def plan_table(plan: ShardingPlan) -> str:
@@ -216,7 +281,7 @@ def shard_model(
     model: nn.Module, schema_tables: list[str], cfg: ShardingConfig, info: DistInfo, batch_size: int
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Plan (rank 0 plans, all ranks receive it) and shard `model` (built on the meta device)."""
-    planner = make_planner(cfg, info, schema_tables, batch_size)
+    planner = make_planner(cfg, info, schema_tables, batch_size, model_zch_tables(model))
     model_sharders = sharders()
     try:
         plan = planner.collective_plan(model, model_sharders, dist.GroupMember.WORLD)
@@ -240,6 +305,12 @@ def shard_model(
 def table_names(model: RankingModel) -> list[str]:
     """Every embedding table of the model: the sharding plan's tables."""
     return model.sparse_arch.table_names()
+
+
+def model_zch_tables(model: nn.Module) -> set[str]:
+    """The managed-collision tables of a RankingModel (or the wrapper around one)."""
+    inner = getattr(model, "model", model)
+    return inner.sparse_arch.zch_tables if isinstance(inner, RankingModel) else set()
 
 
 def ranking_model(dmp: DistributedModelParallel) -> RankingModel:

@@ -47,7 +47,7 @@ def test_inferred_schema_of_the_built_in_data_finds_its_roles_and_trains(
         "seq_action": "seq_action",
     }
     assert (schema.candidate_groups, schema.user_groups) == (("item", "author"), ("user",))
-    assert schema.feature("user_id").hash  # raw user ids are ~1e9..1e13
+    assert schema.feature("user_id").zch is not None  # raw user ids are ~1e9..1e13: managed collisions
     assert schema.feature("user_hist_finish").on_missing == "fill"  # the generator leaves NaNs there
     assert "_p_finish: a _-prefixed column" in text  # the oracle is never a feature
     assert schema.feature("item_tags").multi_hot

@@ -10,6 +10,11 @@ the truth is built: data.build.world. With --days N (the daily mode) it writes N
 items and authors launch, popularity moves to the newest items, tastes and interests drift), with each
 day's oracle.
 
+Raw ids: a feature with managed collisions (`zch:` in the schema, e.g. conf/data/synthetic_raw.yaml) gets
+its ids written as 64-bit hashes (splitmix64 of the table and the id), as production logs carry them: any
+int64, unbounded, and as skewed as the world draws them (popular items, active users). Features of one table
+hash alike, so a shared table still sees one id space; a `user_id` column read by a zch feature is raw too.
+
 Determinism: the world (users, items, authors, factor tables) comes from rng(seed), each file from
 rng(seed, split, file); same seed -> byte-identical files. Writing is atomic: everything goes to a sibling
 temp directory that is renamed into place at the end.
@@ -18,6 +23,7 @@ temp directory that is renamed into place at the end.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -34,6 +40,7 @@ import yaml
 
 from data.build.world import GenParams, World
 from data.dataset_dir import SPLITS, atomic_dir, part_sizes, write_parts
+from data.hashing import splitmix64
 from data.metrics.auc import binary_auc, user_auc
 from data.schema import Schema, SequenceFeature, SparseFeature
 
@@ -45,7 +52,8 @@ def to_table(rows: dict[str, Any], schema: Schema) -> pa.Table:
     for lab in schema.labels:
         cols[lab] = pa.array(rows[lab])
         cols[f"_p_{lab}"] = pa.array(rows[f"_p_{lab}"])
-    cols[schema.user_id] = pa.array(rows["user_id"].astype(np.int64))
+    raw = {f.column: f.table_name for f in (*schema.sparse, *schema.sequence_features) if f.zch is not None}
+    cols[schema.user_id] = pa.array(_ids(rows["user_id"], raw.get(schema.user_id)))
     for f in schema.dense:
         # from_pandas: NaN -> null, the way real logs mark a missing value
         cols[f.column] = pa.array(_known(rows, f.name, f.column), type=pa.float32(), from_pandas=True)
@@ -54,13 +62,26 @@ def to_table(rows: dict[str, Any], schema: Schema) -> pa.Table:
         if isinstance(v, tuple):
             off, vals = v
             _check_range(f, vals)
-            cols[f.column] = pa.ListArray.from_arrays(
-                pa.array(off.astype(np.int32)), pa.array(vals.astype(np.int64))
-            )
+            vals = _ids(vals, raw.get(f.column))
+            cols[f.column] = pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(vals))
         else:
             _check_range(f, v)
-            cols[f.column] = pa.array(v.astype(np.int64))
+            cols[f.column] = pa.array(_ids(v, raw.get(f.column)))
     return pa.table(cols)
+
+
+def raw_ids(ids: np.ndarray, table: str) -> np.ndarray:
+    """The world's ids of a table as 64-bit hashes: splitmix64 of the id salted with the table's name, so
+    different tables' ids do not coincide. Never TorchRec's empty-slot id (2^63 - 1)."""
+    salt = np.uint64(int.from_bytes(hashlib.blake2b(table.encode(), digest_size=8).digest(), "little"))
+    out = splitmix64(ids.view(np.uint64) ^ salt).view(np.int64)
+    return np.where(out == np.iinfo(np.int64).max, np.int64(0), out)
+
+
+def _ids(ids: np.ndarray, raw_table: str | None) -> np.ndarray:
+    """int64 ids as written: a zch table's raw (`raw_ids`), any other's as drawn."""
+    ids = ids.astype(np.int64)
+    return ids if raw_table is None else raw_ids(ids, raw_table)
 
 
 def _known(rows: dict[str, Any], name: str, column: str) -> Any:
@@ -76,7 +97,7 @@ def _known(rows: dict[str, Any], name: str, column: str) -> Any:
 
 
 def _check_range(f: SparseFeature | SequenceFeature, v: np.ndarray) -> None:
-    if not f.hash and len(v) and (v.min() < 0 or v.max() >= f.num_embeddings):
+    if not f.hash and f.zch is None and len(v) and (v.min() < 0 or v.max() >= f.num_embeddings):
         raise ValueError(
             f"generator: feature {f.name!r} produces ids up to {int(v.max())} but "
             f"num_embeddings is {f.num_embeddings}; raise it or set hash: true"
