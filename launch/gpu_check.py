@@ -2,11 +2,16 @@
 the real launchers (torchrun launch/train.py, eval, predict, export) or the torch-only benches, asserts,
 and prints one line: `ok   <step>: <figures>`, or `FAIL <step>: <why>` and exit 1.
 
-    python -m launch.gpu_check STEP --mode gpu|cpu|torch-only --out DIR
+    python -m launch.gpu_check STEP [STEP ...] --mode gpu|cpu|torch-only --out DIR
 
 Modes: `gpu` (the CUDA stack, NCCL, bf16), `cpu` (the same steps on gloo in fp32, smaller: what
 tests/test_gpu_check.py runs so the script cannot rot), `torch-only` (a GPU box without TorchRec: the
 dense arch, LONGER and Sparse-MoE benches, head logits, AUC at scale).
+
+The script runs each GPU step in a process of its own; the CPU mode runs every step in one process, whose
+1-rank jobs (the data generator, eval, LONGER, predict, export) run their launcher's own code in it
+(`run(..., here=True)`) instead of starting an interpreter that imports TorchRec again; its multi-rank
+jobs are torchrun jobs as on the GPU.
 """
 
 from __future__ import annotations
@@ -39,11 +44,19 @@ class Mode:
     train_steps: int
     compare_steps: int  # steps after the shared checkpoint, per sharding type
     autocast: str
+    # the CPU mode's train run is fp32 like the comparison runs: it goes on to their end (checkpointing
+    # where they start) and is the uninterrupted run the resume check compares with, one run fewer; the
+    # GPU's is bf16, so the GPU mode trains an fp32 table_wise run of its own for that
+    train_is_reference: bool = False
+    # 1-rank jobs in this process (`run(..., here=True)`), on a 1-rank gloo group of their own
+    in_process: bool = False
+    longer_batch_size: int = 0  # the LONGER step's data.batch_size; 0: batch_size
 
     @staticmethod
     def of(name: str) -> Mode:
         if name == "cpu":
-            return Mode("cpu", "cpu", "gloo", 2, 60_000, 512, 60, 20, "off")
+            # the LONGER step's 20 steps at batch 64: its check is finite losses on this stack, not speed
+            return Mode("cpu", "cpu", "gloo", 2, 90_000, 512, 60, 20, "off", True, True, 64)
         import torch
 
         gpus = torch.cuda.device_count()
@@ -60,17 +73,72 @@ def check(condition: bool, why: str) -> None:
         raise CheckFailed(why)
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> str:
-    """Run a launcher; its combined output, or CheckFailed with its last lines."""
-    merged = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=merged, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 600, here: bool = False) -> str:
+    """Run a launcher (`[python, script or -m module, args...]`); its combined output, or CheckFailed with
+    its last lines. `here`: in this process (`run_here`)."""
+    if here:
+        code, out = run_here(cmd[1:], env)
+    else:
+        merged = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+        proc = subprocess.run(cmd, cwd=ROOT, env=merged, capture_output=True, text=True, timeout=timeout)
+        code, out = proc.returncode, proc.stdout + proc.stderr
+    if code != 0:
         lines = out.strip().splitlines()
         errors = [line for line in lines if line.startswith("error") or "Error:" in line]
         tail = " | ".join(errors[:2] or lines[-3:])
-        raise CheckFailed(f"`{' '.join(cmd[-6:])}` exited {proc.returncode}: {tail}")
+        raise CheckFailed(f"`{' '.join(cmd[-6:])}` exited {code}: {tail}")
     return out
+
+
+def run_here(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    """`python <argv>` (a script, or `-m module`) in this process, as `__main__` with that sys.argv, on a
+    1-rank gloo group of its own (pipeline/dist.py makes one where no torchrun set RANK): the launcher's
+    own code, without an interpreter start and its TorchRec import. Returns (exit code, combined output)
+    as a process would: an uncaught exception is exit 1 with its traceback. The environment, sys.argv,
+    Hydra's global state and the root logger are restored after it, and the group is destroyed, so a later
+    launch inherits nothing."""
+    import contextlib
+    import io
+    import logging
+    import runpy
+    import traceback
+
+    import torch.distributed as dist
+    from hydra.core.global_hydra import GlobalHydra
+
+    check(not dist.is_initialized(), "a process group is up in the check's own process")
+    saved_env, saved_argv = dict(os.environ), sys.argv
+    saved_log = logging.root.handlers[:], logging.root.level
+    os.environ.update(env or {})
+    buf, code = io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            try:
+                if argv[0] == "-m":
+                    sys.argv = [argv[1], *argv[2:]]
+                    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+                else:
+                    sys.argv = list(argv)
+                    runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        GlobalHydra.instance().clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for key in set(os.environ) - set(saved_env):
+            del os.environ[key]
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        handlers, level = saved_log
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
+    return code, buf.getvalue()
 
 
 def torchrun(mode: Mode, script: str, *overrides: str, nproc: int | None = None, env=None) -> str:  # noqa: ANN001
@@ -78,7 +146,7 @@ def torchrun(mode: Mode, script: str, *overrides: str, nproc: int | None = None,
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
     if n == 1:  # a plain process is a 1-rank group too (pipeline/dist.py), without the agent's start-up
         cmd = [sys.executable]
-    return run([*cmd, script, *overrides], env)
+    return run([*cmd, script, *overrides], env, here=n == 1 and mode.in_process)
 
 
 def train_overrides(mode: Mode, out: Path, run_name: str, *extra: str) -> list[str]:
@@ -118,6 +186,17 @@ def checkpoint_of(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:08d}"
 
 
+def train_end(mode: Mode) -> int:
+    """The train run's last step: `train_steps`, or the comparison runs' end where it is their reference
+    (`Mode.train_is_reference`)."""
+    return mode.train_steps + (mode.compare_steps if mode.train_is_reference else 0)
+
+
+def plan_rows(log: str) -> list[tuple[str, str, str]]:
+    """(table, sharding, kernel) of each row of the sharding plan a train log prints."""
+    return re.findall(r"^model\.\S+\s+(\S+)\s+(\S+)\s+(\S+)\s", log, flags=re.M)
+
+
 # ---------------------------------------------------------------- steps that need TorchRec
 
 
@@ -139,20 +218,23 @@ def step_stack(mode: Mode, out: Path) -> str:
 def step_data(mode: Mode, out: Path) -> str:
     data = out / "data"
     if not (data / "dataset.json").exists():
-        run([sys.executable, "-m", "data.build.generate", "--root", str(data), "--rows", str(mode.rows)])
+        cmd = [sys.executable, "-m", "data.build.generate", "--root", str(data), "--rows", str(mode.rows)]
+        run(cmd, here=mode.in_process)
     return f"{mode.rows} train rows in {data}"
 
 
 def step_train(mode: Mode, out: Path) -> str:
-    """make train's model for `train_steps` (bf16 on a GPU): finite losses, test mean AUC > 0.6, the start
-    line's device and backend, fused kernels only, nothing left unpipelined; samples/s and dense MFU."""
+    """make train's model for `train_steps` (bf16 on a GPU; on CPU on to `train_end`, a checkpoint at
+    `train_steps`): finite losses, test mean AUC > 0.6, the start line's device and backend, fused kernels
+    only, nothing left unpipelined; samples/s and dense MFU."""
     import torch
 
     from launch.benchmarks.timing import measure_gemm_peak
 
-    log = torchrun(
-        mode, "launch/train.py", *train_overrides(mode, out, "train", f"trainer.max_steps={mode.train_steps}")
-    )
+    steps = [f"trainer.max_steps={train_end(mode)}"]
+    if mode.train_is_reference:  # the comparison runs start from the checkpoint of step train_steps
+        steps.append(f"trainer.checkpoint_every={mode.train_steps}")
+    log = torchrun(mode, "launch/train.py", *train_overrides(mode, out, "train", *steps))
     (out / "train.log").write_text(log)
     device = "cuda:0" if mode.device == "cuda" else "cpu"
     check(
@@ -160,7 +242,7 @@ def step_train(mode: Mode, out: Path) -> str:
         f"start line lacks {device} / {mode.backend}",
     )
     check("will be pipelined" in log and "will NOT be pipelined" not in log, "the step is not pipelined")
-    kernels = re.findall(r"^model\.\S+\s+\S+\s+\S+\s+(\S+)\s", log, flags=re.M)
+    kernels = [kernel for _, _, kernel in plan_rows(log)]
     check(
         kernels and set(kernels) == {"fused"}, f"planned kernels {sorted(set(kernels))}, expected fused only"
     )
@@ -211,9 +293,11 @@ def step_sharding(mode: Mode, out: Path) -> str:
     result = {}
     for name in shardings(mode):
         run_dir = out / f"shard_{name}"
-        cut = (
-            [f"trainer.checkpoint_every={resume_cut(mode)}"] if name == "table_wise" else []
-        )  # step_resume's
+        cut = (  # step_resume's; where the train run is the reference, it resumes nothing
+            [f"trainer.checkpoint_every={resume_cut(mode)}"]
+            if name == "table_wise" and not mode.train_is_reference
+            else []
+        )
         torchrun(mode, "launch/train.py", *train_overrides(
             mode, out, run_dir.name, f"trainer.resume={start}", f"trainer.max_steps={end}",
             "trainer.autocast=off", *SHARDINGS[name], *cut))  # fmt: skip
@@ -229,31 +313,42 @@ def step_sharding(mode: Mode, out: Path) -> str:
 
 
 def resume_cut(mode: Mode) -> int:
-    """The step the table_wise comparison run also checkpoints at, halfway (a log step: log_every 10)."""
+    """The step the resumed run starts from: the table_wise comparison run's checkpoint halfway (a log
+    step: log_every 10); where the train run is the reference, the comparisons' start."""
+    if mode.train_is_reference:
+        return mode.train_steps
     return mode.train_steps + mode.compare_steps // 20 * 10
 
 
 def step_resume(mode: Mode, out: Path) -> str:
     """Resume the table_wise comparison run from its checkpoint halfway, in a run dir of its own, as a job
     restarted there would: the same train losses at every log step after the cut, and the same test
-    metrics as the uninterrupted run."""
+    metrics as the uninterrupted run. Where the train run is the reference (CPU), the table_wise
+    comparison run is that resumed job, resumed from the train run's checkpoint of step `train_steps`, and
+    the train run, which went on to the same end with the same table_wise plan, the uninterrupted one."""
     half, end = resume_cut(mode), mode.train_steps + mode.compare_steps
-    run_dir = out / "resumed"
-    base = train_overrides(mode, out, run_dir.name, "trainer.autocast=off", *SHARDINGS["table_wise"])
-    cut = checkpoint_of(out / "shard_table_wise", half)
-    torchrun(mode, "launch/train.py", *base, f"trainer.resume={cut}", f"trainer.max_steps={end}")
-    whole, resumed = metrics(out / "shard_table_wise"), metrics(run_dir)
+    if mode.train_is_reference:
+        whole_dir, run_dir = out / "train", out / "shard_table_wise"
+        plan = {sharding for _, sharding, _ in plan_rows((out / "train.log").read_text())}
+        check(plan == {"table_wise"}, f"the train run's plan is {sorted(plan)}, not table_wise only")
+    else:
+        whole_dir, run_dir = out / "shard_table_wise", out / "resumed"
+        base = train_overrides(mode, out, run_dir.name, "trainer.autocast=off", *SHARDINGS["table_wise"])
+        cut = checkpoint_of(whole_dir, half)
+        torchrun(mode, "launch/train.py", *base, f"trainer.resume={cut}", f"trainer.max_steps={end}")
+    whole, resumed = metrics(whole_dir), metrics(run_dir)
     # the test metrics of the final state (a logged train loss is a mean over its log window, which the
     # cut moves)
     keys = [k for k in whole["test"] if k.endswith(("/auc", "/uauc", "/logloss"))]
     diffs = [abs(whole["test"][k] - resumed["test"][k]) for k in keys]
-    whole_losses, resumed_losses = train_losses(out / "shard_table_wise"), train_losses(run_dir)
+    whole_losses, resumed_losses = train_losses(whole_dir), train_losses(run_dir)
     after = [s for s in whole_losses if s > half]
     check(after and all(s in resumed_losses for s in after), f"resumed run logged {sorted(resumed_losses)}")
     diffs += [abs(whole_losses[s] - resumed_losses[s]) for s in after]
     check(max(diffs) <= 1e-6, f"resumed run differs from the uninterrupted one by {max(diffs):.2e}")
+    first = 0 if mode.train_is_reference else mode.train_steps  # where the run cut at `half` started
     return (
-        f"steps {mode.train_steps}->{half}, resumed ->{end}: max |diff| {max(diffs):.1e} vs uninterrupted "
+        f"steps {first}->{half}, resumed ->{end}: max |diff| {max(diffs):.1e} vs uninterrupted "
         f"over the losses of steps {after} and {len(keys)} test metrics"
     )
 
@@ -262,7 +357,7 @@ def step_eval(mode: Mode, out: Path) -> str:
     """launch/eval.py of the train checkpoint on the GPU vs on the CPU (`CUDA_VISIBLE_DEVICES=`); the CPU
     mode compares the train run's own final evaluation (2 ranks) with launch/eval.py on 1 rank. The same
     metrics within 1e-4."""
-    ckpt = checkpoint_of(out / "train", mode.train_steps)
+    ckpt = checkpoint_of(out / "train", train_end(mode))
     if mode.device == "cuda":
         first = out / "eval_device"
         torchrun(mode, "launch/eval.py", f"checkpoint={ckpt}", f"output={first}", "device=cuda")
@@ -283,9 +378,13 @@ def step_eval(mode: Mode, out: Path) -> str:
 
 
 def step_longer(mode: Mode, out: Path) -> str:
+    """20 steps of make train's model with model.sequence=longer: finite losses. The CPU mode trains it on
+    1 rank at a smaller batch (tests/test_train_e2e.py trains LONGER sharded over 2 ranks)."""
     run_dir = out / "longer"
+    batch = [f"data.batch_size={mode.longer_batch_size}"] if mode.longer_batch_size else []
     torchrun(mode, "launch/train.py", *train_overrides(mode, out, run_dir.name, "model.sequence=longer",
-             "trainer.max_steps=20", "trainer.final_eval=false", "trainer.log_every=5"))  # fmt: skip
+             "trainer.max_steps=20", "trainer.final_eval=false", "trainer.log_every=5", *batch),
+             nproc=1 if mode.in_process else mode.nproc)  # fmt: skip
     losses = train_losses(run_dir)
     check(len(losses) == 4 and all(math.isfinite(v) for v in losses.values()), f"LONGER losses {losses}")
     return f"model.sequence=longer: 20 steps, losses {losses[5]:.4f} -> {losses[20]:.4f}"
@@ -295,7 +394,9 @@ def step_predict(mode: Mode, out: Path) -> str:
     import pyarrow.parquet as pq
 
     pred = out / "predictions"
-    torchrun(mode, "launch/predict.py", f"checkpoint={out / 'train'}", f"out={pred}", f"device={mode.device}")
+    # the CPU mode on 1 rank (tests/test_serving.py checks 2-rank predictions row for row)
+    torchrun(mode, "launch/predict.py", f"checkpoint={out / 'train'}", f"out={pred}", f"device={mode.device}",
+             nproc=1 if mode.in_process else mode.nproc)  # fmt: skip
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in pred.glob("*.parquet"))
     test_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (out / "data" / "test").glob("*.parquet"))
     check(rows == test_rows, f"{rows} predictions for {test_rows} test rows")
@@ -304,7 +405,10 @@ def step_predict(mode: Mode, out: Path) -> str:
 
 def step_export(mode: Mode, out: Path) -> str:
     art = out / "artifact"
-    run([sys.executable, "launch/export.py", f"checkpoint={out / 'train'}", f"out={art}"])
+    run(
+        [sys.executable, "launch/export.py", f"checkpoint={out / 'train'}", f"out={art}"],
+        here=mode.in_process,
+    )
     diff = json.loads((art / "manifest.json").read_text())["parity"]["max_abs_logit_diff"]
     check(diff <= 1e-4, f"export parity {diff:.2e} > 1e-4")
     return f"launch/export.py: parity max |logit diff| {diff:.1e}"
@@ -360,8 +464,9 @@ def step_logits(mode: Mode, out: Path) -> str:
     device = torch.device(mode.device)
     torch.manual_seed(0)
     groups = [64] * 8
-    # CPU bf16 matmul is orders of magnitude slower than fp32: a smaller model and batch there
-    preset, rows = ("rankmixer_small", 65536) if device.type == "cuda" else ("rankmixer_tiny", 4096)
+    # CPU bf16 matmul is orders of magnitude slower than fp32: a smaller model and batch there (1024 rows:
+    # logits rounded to bf16 would be ~2/3 distinct, far below the 99% asked)
+    preset, rows = ("rankmixer_small", 65536) if device.type == "cuda" else ("rankmixer_tiny", 1024)
     arch = RankMixer(load_preset(preset, groups, 2)).to(device).eval()
     x = [torch.randn(rows, g, device=device) for g in groups]
     labels = (torch.rand(rows, device=device) < 0.3).float()
@@ -425,18 +530,19 @@ STEPS: dict[str, Callable[[Mode, Path], str]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=sorted(STEPS))
+    parser.add_argument("steps", nargs="+", choices=sorted(STEPS), metavar="STEP", help="run in this order")
     parser.add_argument("--mode", choices=["gpu", "cpu", "torch-only"], default="gpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     mode = Mode.of(args.mode)
-    try:
-        line = STEPS[args.step](mode, args.out)
-    except CheckFailed as e:
-        print(f"FAIL {args.step}: {e}", flush=True)
-        sys.exit(1)
-    print(f"ok   {args.step}: {line}", flush=True)
+    for step in args.steps:
+        try:
+            line = STEPS[step](mode, args.out)
+        except CheckFailed as e:
+            print(f"FAIL {step}: {e}", flush=True)
+            sys.exit(1)
+        print(f"ok   {step}: {line}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,26 +17,20 @@ case "${1:-}" in
 esac
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}
-step() { "$PY" -m launch.gpu_check "$1" --mode "$MODE" --out "$OUT"; }
-echo "gpu_check ($MODE): runs in $OUT"
 # torch only: what runs on a GPU box without TorchRec (the benches only on a GPU)
-step logits
-step auc
+STEPS=(logits auc)
 if [ "$MODE" != cpu ]; then
-  step dense
-  step longer_bench
-  step moe
+  STEPS+=(dense longer_bench moe)
 fi
 if [ "$MODE" != torch-only ]; then
-  step stack
-  step data
-  step train
-  step sharding
-  step resume
-  step eval
-  step longer
-  step predict
-  step export
-  if [ "$MODE" = gpu ]; then step sync; fi
+  STEPS+=(stack data train sharding resume eval longer predict export)
+  if [ "$MODE" = gpu ]; then STEPS+=(sync); fi
+fi
+echo "gpu_check ($MODE): runs in $OUT"
+if [ "$MODE" = cpu ]; then
+  # every step in one process: one interpreter start and TorchRec import, not one per step
+  "$PY" -m launch.gpu_check "${STEPS[@]}" --mode "$MODE" --out "$OUT"
+else
+  for step in "${STEPS[@]}"; do "$PY" -m launch.gpu_check "$step" --mode "$MODE" --out "$OUT"; done
 fi
 echo "gpu_check ($MODE): every step passed"

@@ -1,5 +1,6 @@
 """The GPU acceptance script's CPU mode (`launch/gpu_check.sh --cpu`): every step that makes sense on gloo,
-through the real launchers, so the script a GPU owner runs once cannot rot between GPU runs."""
+through the real launchers (torchrun for the 2-rank jobs; the 1-rank jobs run their launcher's code in the
+check's one process), so the script a GPU owner runs once cannot rot between GPU runs."""
 
 from __future__ import annotations
 

@@ -35,7 +35,11 @@ COMMON = [
 
 
 def python_train(dataset: Path, run_dir: Path, *overrides: str) -> list[str]:
-    """launch/train.py as one process (a 1-rank group): the cheap way to exercise resume logic."""
+    """launch/train.py as one process (a 1-rank group): the cheap way to exercise resume logic. The tests
+    here run it in this process (conftest launch_in_process: the launcher's own code, exit code and
+    output, without an interpreter start and its TorchRec import); tests/test_stack.py runs it as a
+    process, and a torchrun job ends in the launcher's one-line error in
+    test_bad_data_on_one_rank_is_one_line_and_the_peer_exits_quietly."""
     return [
         sys.executable,
         "launch/train.py",
@@ -73,13 +77,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_resume_refuses_a_changed_schema_naming_the_field_and_leaves_the_run_dir(small_dataset, tmp_path):
+def test_resume_refuses_a_changed_schema_naming_the_field_and_leaves_the_run_dir(
+    small_dataset, tmp_path, launch_in_process
+):
     run_dir = tmp_path / "run"
-    ok(run(python_train(small_dataset, run_dir, "trainer.max_steps=10", "trainer.final_eval=false")))
+    launch = launch_in_process
+    ok(launch(python_train(small_dataset, run_dir, "trainer.max_steps=10", "trainer.final_eval=false")))
     saved = (run_dir / "config.yaml").read_text()
     # author_level's table 8 -> 16 wide (sparse[14] in conf/data/synthetic.yaml)
-    proc = run(python_train(small_dataset, run_dir, "trainer.max_steps=20", "trainer.resume=auto",
-                            "data.schema.sparse.14.embedding_dim=16"))  # fmt: skip
+    proc = launch(python_train(small_dataset, run_dir, "trainer.max_steps=20", "trainer.resume=auto",
+                               "data.schema.sparse.14.embedding_dim=16"))  # fmt: skip
     assert proc.returncode == 2
     checkpoint = run_dir / "checkpoints" / "step_00000010"
     assert error_lines(proc) == [
@@ -92,18 +99,19 @@ def test_resume_refuses_a_changed_schema_naming_the_field_and_leaves_the_run_dir
 
 
 def test_resume_auto_skips_a_truncated_newest_checkpoint_and_the_log_has_each_step_once(
-    small_dataset, tmp_path
+    small_dataset, tmp_path, launch_in_process
 ):
     full, part = tmp_path / "full", tmp_path / "part"
     args = ("trainer.checkpoint_every=10", "trainer.eval_every=0", "trainer.final_eval=false")
-    ok(run(python_train(small_dataset, full, "trainer.max_steps=30", "trainer.keep_last=3", *args)))
+    launch = launch_in_process
+    ok(launch(python_train(small_dataset, full, "trainer.max_steps=30", "trainer.keep_last=3", *args)))
     # a run that stopped at step 20 (its log and checkpoints as full's were then), whose newest is torn
     shutil.copytree(full, part, ignore=shutil.ignore_patterns("step_00000030", "metrics.json"))
     first_seconds = json.loads((part / "checkpoints" / "step_00000010" / "trainer.json").read_text())
     newest = part / "checkpoints" / "step_00000020"
     shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a torn write
-    proc = ok(run(python_train(small_dataset, part, "trainer.max_steps=30", "trainer.resume=auto", *args)))
+    proc = ok(launch(python_train(small_dataset, part, "trainer.max_steps=30", "trainer.resume=auto", *args)))
     assert f"resume: skipping {newest}, which cannot be loaded" in proc.stderr
     assert "resumed from" in proc.stderr and "step_00000010 at step 10" in proc.stderr
     a = {r["step"]: r["loss"] for r in records(full) if r["kind"] == "train"}
@@ -115,11 +123,14 @@ def test_resume_auto_skips_a_truncated_newest_checkpoint_and_the_log_has_each_st
     assert summary["train_seconds"] > first_seconds["train_seconds"] > 0  # timings add up across restarts
 
 
-def test_a_world_size_change_mid_epoch_is_refused_and_at_an_epoch_end_resumes(small_dataset, tmp_path):
+def test_a_world_size_change_mid_epoch_is_refused_and_at_an_epoch_end_resumes(
+    small_dataset, tmp_path, launch_in_process
+):
     run_dir = tmp_path / "run"
     ok(run(torchrun_train(small_dataset, run_dir, "trainer.max_steps=10", "trainer.checkpoint_every=10",
                           "trainer.final_eval=false", "trainer.eval_every=0")))  # fmt: skip
-    proc = run(python_train(small_dataset, run_dir, "trainer.resume=auto", "trainer.max_steps=20"))
+    launch = launch_in_process  # the 1-rank jobs
+    proc = launch(python_train(small_dataset, run_dir, "trainer.resume=auto", "trainer.max_steps=20"))
     assert proc.returncode == 2
     (line,) = error_lines(proc)
     assert (
@@ -133,8 +144,8 @@ def test_a_world_size_change_mid_epoch_is_refused_and_at_an_epoch_end_resumes(sm
     epoch_end = tmp_path / "epoch_end"
     ok(run(torchrun_train(small_dataset, epoch_end, "trainer.epochs=1", "trainer.final_eval=false")))
     two_rank_steps = json.loads((epoch_end / "metrics.json").read_text())["steps"]
-    proc = ok(run(python_train(small_dataset, epoch_end, "trainer.resume=auto", "trainer.epochs=2",
-                               "trainer.final_eval=false")))  # fmt: skip
+    proc = ok(launch(python_train(small_dataset, epoch_end, "trainer.resume=auto", "trainer.epochs=2",
+                                  "trainer.final_eval=false")))  # fmt: skip
     assert "was saved by 2 ranks, resuming on 1 at the start of epoch 1" in proc.stderr
     summary = json.loads((epoch_end / "metrics.json").read_text())
     rows = json.loads((small_dataset / "dataset.json").read_text())["splits"]["train"]["rows"]
@@ -196,18 +207,19 @@ def test_bad_data_on_one_rank_is_one_line_and_the_peer_exits_quietly(small_datas
     assert not run_dir.exists()  # no checkpoint yet: the run dir this job created is removed
 
 
-def test_config_and_path_mistakes_are_one_line_before_any_run_dir(small_dataset, tmp_path):
+def test_config_and_path_mistakes_are_one_line_before_any_run_dir(small_dataset, tmp_path, launch_in_process):
+    launch = launch_in_process  # launch/train.py's own code in this process, to its one-line exit
     conf = tmp_path / "conf" / "data"
     conf.mkdir(parents=True)
     (conf / "broken.yaml").write_text("schema:\n  name: x\n  labels: [a\n  user_id: u\n")
-    proc = run([sys.executable, "launch/train.py", "--config-dir", str(tmp_path / "conf"), "data=broken"])
+    proc = launch([sys.executable, "launch/train.py", "--config-dir", str(tmp_path / "conf"), "data=broken"])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[0].startswith(f"error: {conf / 'broken.yaml'}:4:")
     assert len(proc.stderr.strip().splitlines()) == 1
 
     blocker = tmp_path / "file"
     blocker.write_text("")
-    proc = run(python_train(small_dataset, blocker / "run", "trainer.max_steps=2"))
+    proc = launch(python_train(small_dataset, blocker / "run", "trainer.max_steps=2"))
     run_dir = blocker / "run"
     assert error_lines(proc) == [
         f"error [rank 0]: ValueError: trainer.run_dir='{run_dir}': cannot write there (Not a directory)"
@@ -222,7 +234,7 @@ def test_config_and_path_mistakes_are_one_line_before_any_run_dir(small_dataset,
             pq.write_table(
                 table.drop_columns(["item_id"]) if split == "test" else table, data / split / f.name
             )
-    proc = run(python_train(data, tmp_path / "run", "trainer.max_steps=2"))
+    proc = launch(python_train(data, tmp_path / "run", "trainer.max_steps=2"))
     assert "test/part-00000.parquet: column 'item_id' missing" in error_lines(proc)[0]
     assert not (tmp_path / "run").exists()
 
@@ -321,29 +333,32 @@ def test_restarts_on_a_shared_rendezvous_store_are_detected(monkeypatch):
 
 
 def test_two_nodes_under_c10d_rendezvous_train_as_one_node_with_row_column_and_table_wise_shards(
-    small_dataset, tmp_path
+    small_dataset, tmp_path, launch_in_process
 ):
     """From one table-wise checkpoint (step 10; a plan's shards initialise their rows differently, so runs
     compare from common weights), train to step 30 on two torchrun agents (1 process each, as on 2
     machines) and on one agent with 2 processes, with item_id row-wise, user_id_emb column-wise and
-    author_id table-wise over both nodes; and table-wise. Row-wise on CPU is planned by pipeline.sharding
-    (TorchRec 1.8 plans it only on CUDA); mean pooling is the sparse arch's, as TorchRec's would divide
-    the other tables' features again."""
+    author_id table-wise over both nodes; and table-wise: the run that wrote the checkpoint went on to step
+    30 (a resume continues a run exactly: test_torchrun_restarts_a_killed_rank_and_the_run_ends_as_an_
+    uninterrupted_one). Row-wise on CPU is planned by pipeline.sharding (TorchRec 1.8 plans it only on
+    CUDA); mean pooling is the sparse arch's, as TorchRec's would divide the other tables' features
+    again."""
     trw = "+sharding.per_table={item_id:[table_row_wise]}"  # CUDA-only in TorchRec 1.8
-    proc = run(python_train(small_dataset, tmp_path / "trw", trw))
+    proc = launch_in_process(python_train(small_dataset, tmp_path / "trw", trw))
     assert "sharding: no plan for" in error_lines(proc)[0] and "compute device: cpu" in error_lines(proc)[0]
     common = ("trainer.eval_every=0", "trainer.final_eval=false", "trainer.checkpoint_every=10")
     table_wise = "sharding.types=[table_wise]"
-    start = tmp_path / "start"
-    ok(run(torchrun_train(small_dataset, start, *common, "trainer.max_steps=10", table_wise)))
     runs = {name: tmp_path / name for name in ("table_wise", "single", "multi")}
-    for d in runs.values():
-        shutil.copytree(start, d)
+    ok(run(torchrun_train(small_dataset, runs["table_wise"], *common, "trainer.max_steps=30",
+                          "trainer.keep_last=3", table_wise)))  # fmt: skip
+    for d in (runs["single"], runs["multi"]):  # the run dir as it was at its checkpoint of step 10
+        later = ("step_00000020", "step_00000030", "metrics.json")
+        shutil.copytree(runs["table_wise"], d, ignore=shutil.ignore_patterns(*later))
     args = (*common, "trainer.max_steps=30", "trainer.resume=auto")
-    ok(run(torchrun_train(small_dataset, runs["table_wise"], *args, table_wise)))
     mixed = "+sharding.per_table={item_id:[row_wise],user_id_emb:[column_wise],author_id:[table_wise]}"
     args = (*args, mixed)
-    ok(run(torchrun_train(small_dataset, runs["single"], *args)))
+    proc = ok(run(torchrun_train(small_dataset, runs["single"], *args)))
+    assert "resumed from" in proc.stderr and "step_00000010 at step 10" in proc.stderr
     endpoint = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     nodes = []
