@@ -227,7 +227,9 @@ def _evict_and_reset_optimizer_state(self: Any, evictions_per_table: dict[str, t
         if rows is None or rows.numel() == 0:
             continue
         tbe, index = self._table_to_tbe_and_index[table]
-        i, rows = int(index.item()), rows.long()
+        cache = self.__dict__.setdefault("_tbe_index_of_table", {})  # .item() once per table, not per step
+        i = cache[table] = cache[table] if table in cache else int(index.item())
+        rows = rows.long()
         with torch.no_grad():
             weight = tbe.split_embedding_weights()[i]  # this rank's shard, a view into the TBE
             init_fn = self._embedding_module._table_name_to_config[table].init_fn
