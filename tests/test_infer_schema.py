@@ -4,7 +4,6 @@ leaks), on prefixed data (`user_*`, `item_*`) and on flat data (one row per rati
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ def inferred(root: Path, capsys: pytest.CaptureFixture, *args: str) -> tuple[str
 
 @pytest.mark.slow
 def test_inferred_schema_of_the_built_in_data_finds_its_roles_and_trains(
-    small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture, launch_in_process
 ):
     text, cfg = inferred(small_dataset, capsys, "--name", "inferred")
     schema = Schema.from_dict(cfg["schema"])
@@ -63,7 +62,7 @@ def test_inferred_schema_of_the_built_in_data_finds_its_roles_and_trains(
         "model.sequence=longer",
         "model.longer.dim=16",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = launch_in_process(cmd)  # launch/train.py's code on 1 rank, in this process
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test metrics" in proc.stdout
 
@@ -210,7 +209,9 @@ def test_without_a_label_like_name_the_first_0_1_column_is_the_only_label(tmp_pa
 
 
 @pytest.mark.slow
-def test_inferred_schema_of_flat_data_trains(flat: tuple[str, Schema, Path], tmp_path: Path):
+def test_inferred_schema_of_flat_data_trains(
+    flat: tuple[str, Schema, Path], tmp_path: Path, launch_in_process
+):
     text, _, root = flat
     conf = tmp_path / "conf" / "data"
     conf.mkdir(parents=True)
@@ -219,7 +220,7 @@ def test_inferred_schema_of_flat_data_trains(flat: tuple[str, Schema, Path], tmp
     cmd += [f"data.root={root}", f"trainer.run_dir={tmp_path / 'run'}", "trainer.max_steps=4"]
     cmd += ["data.batch_size=128", "trainer.eval_every=0", "trainer.progress_bar=false"]
     cmd += ["model.sequence=longer", "model.longer.dim=16"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = launch_in_process(cmd)  # launch/train.py's code on 1 rank, in this process
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test metrics" in proc.stdout
     # a user's data has no recipe of its own: it trained with conf/recipe/default.yaml

@@ -231,7 +231,7 @@ def test_int8_artifact_is_smaller_and_stays_within_the_auc_tolerance(dataset: Pa
 
 
 def test_export_refuses_an_existing_out_and_a_missing_checkpoint(
-    dataset: Path, trained: dict, tmp_path: Path
+    dataset: Path, trained: dict, tmp_path: Path, launch_in_process
 ):
     from pipeline.export import export
 
@@ -240,7 +240,7 @@ def test_export_refuses_an_existing_out_and_a_missing_checkpoint(
     with pytest.raises(ValueError, match="pass overwrite=true"):  # checked before anything is loaded
         export(trained["rankmixer"], out, data_root=str(dataset))
     assert not list(out.iterdir())
-    proc = run(export_cmd(tmp_path / "nowhere", dataset, tmp_path / "art2"))
+    proc = launch_in_process(export_cmd(tmp_path / "nowhere", dataset, tmp_path / "art2"))
     assert proc.returncode == 2 and str(tmp_path / "nowhere") in proc.stderr
     assert not (tmp_path / "art2").exists()
 

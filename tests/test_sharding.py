@@ -215,14 +215,20 @@ def test_the_plan_does_not_depend_on_the_string_hash_seed():
     import subprocess
     import sys
 
+    cmd = [sys.executable, "launch/plan.py", "--world-size", "2", "--device", "cpu"]
+    root = Path(__file__).resolve().parents[1]
+    procs = [  # side by side: each is a process start and a TorchRec import
+        subprocess.Popen(
+            cmd, cwd=root, env={**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for seed in ("0", "1")
+    ]  # fmt: skip
     plans = []
-    for seed in ("0", "1"):
-        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "launch/plan.py", "--world-size", "2", "--device", "cpu"]
-        root = Path(__file__).resolve().parents[1]
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        plans.append([line.split()[2] for line in proc.stdout.splitlines() if line.startswith("model.")])
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr[-2000:]
+        plans.append([line.split()[2] for line in stdout.splitlines() if line.startswith("model.")])
     assert plans[0] == plans[1] and set(plans[0]) == {"table_wise"}, plans
 
 
