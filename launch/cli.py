@@ -101,3 +101,56 @@ def prepare_launch(train: bool = False) -> None:
     if train:
         overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
         sys.argv += with_recipe(overrides, config_dirs(sys.argv))[len(overrides) :]
+
+
+def run_launcher_here(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """`python <argv>` (a script under the project root, or `-m module`) in this process, as `__main__` with
+    that sys.argv and `env` added to the environment: the launcher's own code, without an interpreter start
+    and its TorchRec import. It makes its own 1-rank group as a plain `python launch/...` does
+    (pipeline/dist.py). Returns (exit code, stdout, stderr) as a process would: an uncaught exception is
+    exit 1 with its traceback. The environment, sys.argv, Hydra's global state and the root logger are
+    restored and the group destroyed after it, so a later launch or process inherits nothing."""
+    import contextlib
+    import io
+    import logging
+    import runpy
+    import traceback
+
+    import torch.distributed as dist
+    from hydra.core.global_hydra import GlobalHydra
+
+    if dist.is_initialized():
+        raise RuntimeError("run_launcher_here: a process group is already up in this process")
+    root = Path(__file__).resolve().parents[1]
+    saved_env, saved_argv = dict(os.environ), sys.argv
+    handlers, level = logging.root.handlers[:], logging.root.level
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    os.environ.update(env or {})
+    GlobalHydra.instance().clear()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                if argv[0] == "-m":
+                    sys.argv = [argv[1], *argv[2:]]
+                    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+                else:
+                    sys.argv = list(argv)
+                    runpy.run_path(str(root / argv[0]), run_name="__main__")
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        GlobalHydra.instance().clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for key in set(os.environ) - set(saved_env):  # what the job set (its group's RANK, ...)
+            del os.environ[key]
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
+    return code, out.getvalue(), err.getvalue()

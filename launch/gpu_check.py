@@ -91,54 +91,14 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 600, h
 
 
 def run_here(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
-    """`python <argv>` (a script, or `-m module`) in this process, as `__main__` with that sys.argv, on a
-    1-rank gloo group of its own (pipeline/dist.py makes one where no torchrun set RANK): the launcher's
-    own code, without an interpreter start and its TorchRec import. Returns (exit code, combined output)
-    as a process would: an uncaught exception is exit 1 with its traceback. The environment, sys.argv,
-    Hydra's global state and the root logger are restored after it, and the group is destroyed, so a later
-    launch inherits nothing."""
-    import contextlib
-    import io
-    import logging
-    import runpy
-    import traceback
-
+    """`python <argv>` in this process (`launch.cli.run_launcher_here`): (exit code, combined output)."""
     import torch.distributed as dist
-    from hydra.core.global_hydra import GlobalHydra
+
+    from launch.cli import run_launcher_here  # not at import: the torch-only mode has no TorchRec
 
     check(not dist.is_initialized(), "a process group is up in the check's own process")
-    saved_env, saved_argv = dict(os.environ), sys.argv
-    saved_log = logging.root.handlers[:], logging.root.level
-    os.environ.update(env or {})
-    buf, code = io.StringIO(), 0
-    try:
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            try:
-                if argv[0] == "-m":
-                    sys.argv = [argv[1], *argv[2:]]
-                    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-                else:
-                    sys.argv = list(argv)
-                    runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
-            except SystemExit as e:
-                if isinstance(e.code, str):
-                    print(e.code, file=sys.stderr)
-                code = e.code if isinstance(e.code, int) else int(e.code is not None)
-            except Exception:
-                traceback.print_exc()
-                code = 1
-    finally:
-        GlobalHydra.instance().clear()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        for key in set(os.environ) - set(saved_env):
-            del os.environ[key]
-        os.environ.update(saved_env)
-        sys.argv = saved_argv
-        handlers, level = saved_log
-        logging.root.handlers[:] = handlers
-        logging.root.setLevel(level)
-    return code, buf.getvalue()
+    code, out, err = run_launcher_here(argv, env)
+    return code, out + err
 
 
 def torchrun(mode: Mode, script: str, *overrides: str, nproc: int | None = None, env=None) -> str:  # noqa: ANN001

@@ -181,65 +181,18 @@ def predict_in_process(lazy_one_rank_group):
 @pytest.fixture
 def launch_in_process():
     """`launch_in_process([python, script, *args]) -> CompletedProcess`: what `run` of that command would
-    return (exit code, stdout, stderr; an uncaught exception is exit 1 with its traceback on stderr), with
-    the launcher's own code (`runpy`, as `__main__`, that sys.argv) run in this process on a 1-rank
-    group joined for the call (the default device's, as pipeline/dist.py makes for a plain
-    `python launch/...`), so neither an interpreter start nor its TorchRec import is paid. The
-    environment, sys.argv, Hydra's global state and the root logger are restored after each call and the
-    group left, so a process the test starts later inherits nothing. For 1-rank jobs and refusals; what
-    only a process shows (torchrun, several ranks, a killed rank) still starts one."""
-    import contextlib
-    import io
-    import logging
-    import os
-    import runpy
-    import socket
+    return (exit code, stdout, stderr), with the launcher's own code run in this process on the 1-rank
+    group it makes itself (`launch.cli.run_launcher_here`), so neither an interpreter start nor its
+    TorchRec import is paid, and nothing is left behind for a later process. For 1-rank jobs and
+    refusals; what only a process shows (torchrun, several ranks, a killed rank) still starts one."""
     import subprocess
     import sys
-    import traceback
 
-    import torch.distributed as dist
-    from hydra.core.global_hydra import GlobalHydra
-
-    from pipeline.dist import init_distributed
+    from launch.cli import run_launcher_here
 
     def launch(cmd: list[str]) -> subprocess.CompletedProcess:
         assert cmd[0] == sys.executable and cmd[1].endswith(".py"), cmd
-        assert not dist.is_initialized(), "a process group is already up in this process"
-        out, err, code = io.StringIO(), io.StringIO(), 0
-        handlers, level, environ = logging.root.handlers[:], logging.root.level, dict(os.environ)
-        with pytest.MonkeyPatch.context() as mp:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            env = dict(
-                RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1"
-            )
-            for key, value in {**env, "MASTER_PORT": str(port)}.items():
-                mp.setenv(key, value)
-            init_distributed()  # the default device's group (gloo; with nccl on a GPU), as a launch gets
-            mp.setattr(sys, "argv", list(cmd[1:]))
-            GlobalHydra.instance().clear()
-            try:
-                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                    try:
-                        runpy.run_path(str(ROOT / cmd[1]), run_name="__main__")
-                    except SystemExit as e:
-                        if isinstance(e.code, str):
-                            print(e.code, file=sys.stderr)
-                        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-                    except Exception:
-                        traceback.print_exc()
-                        code = 1
-            finally:
-                GlobalHydra.instance().clear()
-                logging.root.handlers[:] = handlers
-                logging.root.setLevel(level)
-                if dist.is_initialized():
-                    dist.destroy_process_group()
-        for key in set(os.environ) - set(environ):  # anything the job itself set
-            del os.environ[key]
-        os.environ.update(environ)
-        return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
+        code, out, err = run_launcher_here(cmd[1:])
+        return subprocess.CompletedProcess(cmd, code, out, err)
 
     return launch
