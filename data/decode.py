@@ -45,91 +45,242 @@ class DataError(ValueError):
 
 # ------------------------------------------------------------------------ columnar chunk
 @dataclass
+class Block:
+    """ID features that share one row layout: `values[i]` holds feature `keys[i]`'s ids of every row.
+    `offsets` None: exactly one id per row, each values[i] (n,); else (n + 1,) int64 offsets with
+    offsets[0] == 0 and each values[i] (offsets[-1],).
+
+    One block holds every single-valued feature, one each multi-valued feature, and one the aligned
+    sequence features, so a take computes one gather per block, not one per feature. The values are
+    kept per feature (zero-copy views of the decoded Arrow columns), not stacked: stacking is a copy."""
+
+    keys: tuple[int, ...]  # positions in the chunk's key order (schema.sparse_keys)
+    offsets: np.ndarray | None
+    values: list[np.ndarray]  # per key, int64
+
+    def slice(self, a: int, b: int) -> Block:
+        if self.offsets is None:
+            return Block(self.keys, None, [v[a:b] for v in self.values])
+        o = self.offsets
+        return Block(self.keys, o[a : b + 1] - o[a], [v[o[a] : o[b]] for v in self.values])
+
+    def gather(self, idx: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Rows idx: their (offsets, value indices), offsets None for one id per row (indices = idx)."""
+        if self.offsets is None:
+            return None, idx
+        o = self.offsets
+        return _jagged_gather(o[idx], o[idx + 1] - o[idx])
+
+    def take(self, idx: np.ndarray) -> Block:
+        offsets, gather = self.gather(idx)
+        return Block(self.keys, offsets, [_take(v, gather) for v in self.values])
+
+    def lengths(self, n: int) -> np.ndarray:
+        """(n,) int64 ids per row (the same for every key of the block)."""
+        return np.ones(n, dtype=np.int64) if self.offsets is None else np.diff(self.offsets)
+
+    @staticmethod
+    def concat(blocks: Sequence[Block]) -> Block:
+        first = blocks[0]
+        values = [np.concatenate(vs) for vs in zip(*(b.values for b in blocks))]
+        if first.offsets is None:
+            return Block(first.keys, None, values)
+        offsets = [first.offsets]
+        base = int(first.offsets[-1])
+        for b in blocks[1:]:
+            offsets.append(b.offsets[1:] + base)  # type: ignore[index]
+            base += int(b.offsets[-1])  # type: ignore[index]
+        return Block(first.keys, np.concatenate(offsets), values)
+
+
+def _take(v: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """v[idx] for indices known to be in range: mode="clip" skips numpy's bounds pass and, with `out`,
+    writes straight into it (mode="raise" buffers the output)."""
+    return np.take(v, idx, out=out, mode="clip")
+
+
+@dataclass
+class KJTArrays:
+    """A KeyedJaggedTensor's parts as numpy arrays, with the per-key lengths that spare TorchRec a host
+    sync (on a GPU, a KJT without `length_per_key` copies its lengths to the host to find them)."""
+
+    keys: list[str]
+    values: np.ndarray  # (sum of lengths,) int64, key-major
+    lengths: np.ndarray  # (K * B,) int64, key-major
+    length_per_key: list[int]
+
+    def kjt(self) -> KeyedJaggedTensor:
+        values, lengths = torch.from_numpy(self.values), torch.from_numpy(self.lengths)
+        return kjt_of(self.keys, values, lengths, self.length_per_key)
+
+
+def kjt_of(
+    keys: list[str], values: torch.Tensor, lengths: torch.Tensor, length_per_key: list[int]
+) -> KeyedJaggedTensor:
+    """A KJT with its stride, lengths and offsets per key given, so TorchRec never derives them (a host
+    sync on a GPU)."""
+    # imported here, not at the top: the serving Predictor decodes without TorchRec
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    offset_per_key = [0]
+    for n in length_per_key:
+        offset_per_key.append(offset_per_key[-1] + n)
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=values,
+        lengths=lengths,
+        stride=len(lengths) // max(len(keys), 1),
+        length_per_key=length_per_key,
+        offset_per_key=offset_per_key,
+    )
+
+
+@dataclass
+class BatchArrays:
+    """A RecBatch as numpy arrays: what a loader worker process builds and ships (data.workers)."""
+
+    dense: np.ndarray  # (B, Nd) float32
+    labels: np.ndarray  # (B, T) float32
+    user_id: np.ndarray  # (B,) int64
+    mask: np.ndarray  # (B,) bool
+    weight: np.ndarray  # (B,) float32
+    sparse: KJTArrays
+    sequence: KJTArrays | None
+
+    def to_batch(self) -> RecBatch:
+        from data.batch import RecBatch  # not at import: serving (pipeline/predictor.py) needs no TorchRec
+
+        return RecBatch(
+            dense=torch.from_numpy(self.dense),
+            sparse=self.sparse.kjt(),
+            labels=torch.from_numpy(self.labels),
+            user_id=torch.from_numpy(self.user_id),
+            mask=torch.from_numpy(self.mask),
+            weight=torch.from_numpy(self.weight),
+            sequence=None if self.sequence is None else self.sequence.kjt(),
+        )
+
+
+@dataclass
 class Chunk:
-    """n decoded, validated rows; jagged features kept as (offsets, values) per KJT key."""
+    """n decoded, validated rows; the ID features as Blocks (key-major, jagged ones with offsets)."""
 
     dense: np.ndarray  # (n, Nd) float32
     labels: np.ndarray  # (n, T) float32
     user_id: np.ndarray  # (n,) int64
     weight: np.ndarray  # (n,) float32, the schema's sample-weight column (1 without one)
-    offsets: list[np.ndarray]  # per key (n + 1,) int64, offsets[k][0] == 0
-    values: list[np.ndarray]  # per key (offsets[k][-1],) int64
+    blocks: list[Block]
 
     @property
     def n(self) -> int:
         return len(self.user_id)
 
+    def _where(self, key: int) -> tuple[Block, int]:
+        """The block holding key position `key`, and its row there."""
+        for b in self.blocks:
+            if key in b.keys:
+                return b, b.keys.index(key)
+        raise KeyError(f"no ID feature at key position {key}")
+
+    def key_values(self, key: int) -> np.ndarray:
+        """(nnz,) int64 ids of key position `key` (schema.sparse_keys order), all rows in order."""
+        block, row = self._where(key)
+        return block.values[row]
+
+    def key_offsets(self, key: int) -> np.ndarray:
+        """(n + 1,) int64 offsets of key position `key` into `key_values(key)`."""
+        block, _ = self._where(key)
+        if block.offsets is None:
+            return np.arange(self.n + 1, dtype=np.int64)
+        return block.offsets
+
     def slice(self, a: int, b: int) -> Chunk:
         """Rows [a, b) as views (no copy)."""
-        return Chunk(
-            self.dense[a:b],
-            self.labels[a:b],
-            self.user_id[a:b],
-            self.weight[a:b],
-            [o[a : b + 1] - o[a] for o in self.offsets],
-            [v[o[a] : o[b]] for o, v in zip(self.offsets, self.values)],
-        )
+        return Chunk(self.dense[a:b], self.labels[a:b], self.user_id[a:b], self.weight[a:b],
+                     [k.slice(a, b) for k in self.blocks])  # fmt: skip
 
     def take(self, idx: np.ndarray) -> Chunk:
         """Rows idx (any order, repeats allowed)."""
-        offs, vals = [], []
-        for o, v in zip(self.offsets, self.values):
-            o2, gather = _jagged_gather(o[idx], o[idx + 1] - o[idx])
-            offs.append(o2)
-            vals.append(v[gather])
-        return Chunk(self.dense[idx], self.labels[idx], self.user_id[idx], self.weight[idx], offs, vals)
+        return Chunk(self.dense[idx], self.labels[idx], self.user_id[idx], self.weight[idx],
+                     [k.take(idx) for k in self.blocks])  # fmt: skip
 
     @staticmethod
     def concat(chunks: Sequence[Chunk]) -> Chunk:
         if len(chunks) == 1:
             return chunks[0]
-        offs, vals = [], []
-        for k in range(len(chunks[0].offsets)):
-            base = np.cumsum([0] + [int(c.offsets[k][-1]) for c in chunks[:-1]])
-            offs.append(
-                np.concatenate(
-                    [chunks[0].offsets[k][:1]] + [c.offsets[k][1:] + b for c, b in zip(chunks, base)]
-                )
-            )
-            vals.append(np.concatenate([c.values[k] for c in chunks]))
         return Chunk(
             np.concatenate([c.dense for c in chunks]),
             np.concatenate([c.labels for c in chunks]),
             np.concatenate([c.user_id for c in chunks]),
             np.concatenate([c.weight for c in chunks]),
-            offs,
-            vals,
+            [Block.concat(bs) for bs in zip(*(c.blocks for c in chunks))],
         )
 
-    def kjt(self, keys: Sequence[str], wanted: Sequence[str]) -> KeyedJaggedTensor:
-        """The KJT of the `wanted` keys (in that order); `keys` names self.offsets / self.values."""
-        # imported here, not at the top: the serving Predictor decodes without TorchRec
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    def kjt_arrays(
+        self, keys: Sequence[str], wanted: Sequence[str], idx: np.ndarray | None = None
+    ) -> KJTArrays:
+        """The KJT parts of the `wanted` keys (in that order) of rows `idx` (None: all rows, in order);
+        `keys` names the key positions. Each id is copied once, from the chunk into the KJT's values."""
+        position = {k: i for i, k in enumerate(keys)}
+        rows = np.arange(self.n) if idx is None else idx
+        layout = []  # per wanted key: (block, its row, the block's offsets and value indices for `rows`)
+        gathered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for k in wanted:
+            block, row = self._where(position[k])
+            if id(block) not in gathered:
+                offsets, gather = block.gather(rows)
+                lengths = np.ones(len(rows), np.int64) if offsets is None else np.diff(offsets)
+                gathered[id(block)] = lengths, gather
+            layout.append((block.values[row], *gathered[id(block)]))
+        length_per_key = [len(gather) for _, _, gather in layout]
+        values = np.empty(sum(length_per_key), dtype=np.int64)
+        start = 0
+        for v, _, gather in layout:
+            _take(v, gather, out=values[start : start + len(gather)])
+            start += len(gather)
+        lengths = np.concatenate([lengths for _, lengths, _ in layout])
+        return KJTArrays(list(wanted), values, lengths, length_per_key)
 
-        index = [list(keys).index(k) for k in wanted]
-        lengths = np.concatenate([np.diff(self.offsets[i]) for i in index])  # key-major, (K * B,)
-        values = np.concatenate([self.values[i] for i in index])
-        return KeyedJaggedTensor(
-            keys=list(wanted), values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+    def batch_arrays(
+        self,
+        keys: Sequence[str],
+        mask: np.ndarray,
+        split: tuple[Sequence[str], Sequence[str]] | None = None,
+        idx: np.ndarray | None = None,
+    ) -> BatchArrays:
+        """The batch of rows `idx` (None: all rows, in order). `split` = (pooled keys, unpooled keys): two
+        KJTs, `sparse` and `sequence`; None: one KJT. Rows with mask False (padding) get weight 0."""
+        sparse_keys, sequence_keys = split if split is not None else (keys, ())
+        rows = np.arange(self.n) if idx is None else idx
+        return BatchArrays(
+            dense=self.dense[rows],
+            labels=self.labels[rows],
+            user_id=self.user_id[rows],
+            mask=mask,
+            weight=np.where(mask, self.weight[rows], np.float32(0)),
+            sparse=self.kjt_arrays(keys, sparse_keys, rows),
+            sequence=self.kjt_arrays(keys, sequence_keys, rows) if sequence_keys else None,
         )
 
     def to_batch(
-        self, keys: Sequence[str], mask: np.ndarray, split: tuple[Sequence[str], Sequence[str]] | None = None
+        self,
+        keys: Sequence[str],
+        mask: np.ndarray,
+        split: tuple[Sequence[str], Sequence[str]] | None = None,
+        idx: np.ndarray | None = None,
     ) -> RecBatch:
-        """`split` = (pooled keys, unpooled keys): two KJTs, `sparse` and `sequence`; None: one KJT. Rows
-        with mask False (padding) get weight 0."""
-        from data.batch import RecBatch  # not at import: serving (pipeline/predictor.py) needs no TorchRec
+        """The RecBatch of rows `idx` (see `batch_arrays`)."""
+        return self.batch_arrays(keys, mask, split, idx).to_batch()
 
-        sparse_keys, sequence_keys = split if split is not None else (keys, ())
-        return RecBatch(
-            dense=torch.from_numpy(np.ascontiguousarray(self.dense)),
-            sparse=self.kjt(keys, sparse_keys),
-            labels=torch.from_numpy(np.ascontiguousarray(self.labels)),
-            user_id=torch.from_numpy(np.ascontiguousarray(self.user_id)),
-            mask=torch.from_numpy(mask),
-            weight=torch.from_numpy(np.where(mask, self.weight, np.float32(0))),
-            sequence=self.kjt(keys, sequence_keys) if sequence_keys else None,
-        )
+
+def _one_array(column: pa.ChunkedArray) -> pa.Array:
+    """A column as one array: a row group's usually is one chunk already, and combining copies it."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def _last_items(offsets: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Indices into a jagged array's values of each row's last `keep` items."""
+    return _jagged_gather(offsets[1:] - keep, keep)[1]
 
 
 def _jagged_gather(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -211,12 +362,11 @@ class Decoder:
     def __init__(self, schema: Schema, labels: bool = True) -> None:
         self.schema = schema
         self.labels = labels  # False: scoring data without label columns; labels decode as 0
-        self.jagged: list[SparseFeature | SequenceFeature] = [*schema.sparse, *schema.sequence_features]
 
     def __call__(self, table: pa.Table, where: str) -> Chunk:
         s = self.schema
         n = table.num_rows
-        col = {name: table.column(name).combine_chunks() for name in s.columns(self.labels)}
+        col = {name: _one_array(table.column(name)) for name in s.columns(self.labels)}
 
         labels = self.labels_of(table, where) if self.labels else np.zeros((n, len(s.labels)), np.float32)
 
@@ -248,19 +398,23 @@ class Decoder:
                 dense[:, j + 1] = missing
                 j += 2
 
-        offsets, values = [], []
-        for f in self.jagged:
-            o, v = self._ids(col[f.column], f, where)
-            offsets.append(o)
-            values.append(v)
-        self._check_aligned(offsets[len(s.sparse) :], where)
-        return Chunk(dense, labels, user_id, weight, offsets, values)
+        singles = Block(tuple(i for i, f in enumerate(s.sparse) if not f.multi_hot), None, [])
+        blocks = [singles]
+        for i, f in enumerate(s.sparse):
+            offsets, v = self._raw_ids(col[f.column], f, where)
+            if offsets is None:
+                singles.values.append(self._checked(v, None, f, where))
+            else:
+                blocks.append(Block((i,), offsets, [self._checked(v, offsets, f, where)]))
+        if s.sequence_features:
+            blocks.append(self._sequence_block(col, where))
+        return Chunk(dense, labels, user_id, weight, blocks)
 
     def labels_of(self, table: pa.Table, where: str) -> np.ndarray:
         """(n, T) float32 0/1 labels of a table holding (at least) the label columns, checked."""
         labels = np.zeros((table.num_rows, len(self.schema.labels)), dtype=np.float32)  # (n, T)
         for j, lab in enumerate(self.schema.labels):
-            arr = table.column(lab).combine_chunks()
+            arr = _one_array(table.column(lab))
             self._no_nulls(arr, where, lab)
             v = arr.to_numpy(zero_copy_only=False).astype(np.float32)
             bad = np.flatnonzero((v != 0) & (v != 1))
@@ -271,67 +425,75 @@ class Decoder:
             labels[:, j] = v
         return labels
 
-    def _check_aligned(self, offsets: list[np.ndarray], where: str) -> None:
-        """Sequence columns are aligned by position: every row has the same length in each of them."""
+    def _sequence_block(self, col: dict[str, pa.Array], where: str) -> Block:
+        """The sequence features' block: each row's last min(len, max_len) items (most recent last), the
+        features aligned by position (every row has the same length in each of them)."""
         features = self.schema.sequence_features
-        for f, o in zip(features[1:], offsets[1:]):
-            bad = np.flatnonzero(np.diff(o) != np.diff(offsets[0]))
-            if len(bad):
-                row = int(bad[0])
-                raise DataError(
-                    f"{where}, column {f.column!r}: {int(np.diff(o)[row])} items in row {row}, but "
-                    f"{features[0].column!r} has {int(np.diff(offsets[0])[row])}; sequence columns must "
-                    "be aligned by position"
-                )
+        max_len = self.schema.sequence.max_len  # type: ignore[union-attr]
+        raw = [self._raw_ids(col[f.column], f, where) for f in features]
+        kept = [np.minimum(np.diff(o), max_len) for o, _ in raw]  # type: ignore[arg-type]
+        offsets = np.zeros(len(kept[0]) + 1, dtype=np.int64)
+        np.cumsum(kept[0], out=offsets[1:])
+        values = []
+        for i, (f, (o, v)) in enumerate(zip(features, raw)):
+            if len(v) != offsets[-1] or not np.array_equal(kept[i], kept[0]):
+                if np.array_equal(kept[i], kept[0]):  # same kept lengths, longer raw rows
+                    v = v[_last_items(o, kept[i])]  # type: ignore[arg-type]
+                else:
+                    row = int(np.flatnonzero(kept[i] != kept[0])[0])
+                    raise DataError(
+                        f"{where}, column {f.column!r}: {int(kept[i][row])} items in row {row}, but "
+                        f"{features[0].column!r} has {int(kept[0][row])}; sequence columns must "
+                        "be aligned by position"
+                    )
+            values.append(self._checked(v, offsets, f, where))
+        return Block(tuple(range(len(self.schema.sparse), len(self.schema.sparse) + len(features))),
+                     offsets, values)  # fmt: skip
 
-    def _ids(self, arr: pa.Array, f: SparseFeature | SequenceFeature, where: str) -> tuple[np.ndarray, ...]:
-        n = len(arr)
+    def _raw_ids(
+        self, arr: pa.Array, f: SparseFeature | SequenceFeature, where: str
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """(offsets, int64 ids) of an ID column; offsets None for a single-valued feature (one id per
+        row). A null list is an empty list; a null inside a list, or a null single id, is an error."""
         if isinstance(f, SparseFeature) and not f.multi_hot:
             self._no_nulls(arr, where, f.column)
-            v = arr.to_numpy(zero_copy_only=False).astype(np.int64)
-            offsets = np.arange(n + 1, dtype=np.int64)
-        else:
-            # a null list is an empty list; a null inside a list is an error
-            lens = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-            offsets = np.zeros(n + 1, dtype=np.int64)
-            np.cumsum(lens, out=offsets[1:])
-            flat = arr.flatten()
-            if flat.null_count:
-                pos = int(np.flatnonzero(flat.is_null().to_numpy(zero_copy_only=False))[0])
-                row = int(np.searchsorted(offsets, pos, side="right") - 1)
-                raise DataError(f"{where}, column {f.column!r}: null id inside a list (row {row})")
-            v = flat.to_numpy(zero_copy_only=False).astype(np.int64)
-            if isinstance(f, SequenceFeature):
-                offsets, v = self._keep_last(offsets, v, self.schema.sequence.max_len)
+            return None, arr.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        lens = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        offsets = np.zeros(len(arr) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        flat = arr.flatten()
+        if flat.null_count:
+            pos = int(np.flatnonzero(flat.is_null().to_numpy(zero_copy_only=False))[0])
+            row = int(np.searchsorted(offsets, pos, side="right") - 1)
+            raise DataError(f"{where}, column {f.column!r}: null id inside a list (row {row})")
+        return offsets, flat.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+    @staticmethod
+    def _checked(
+        v: np.ndarray, offsets: np.ndarray | None, f: SparseFeature | SequenceFeature, where: str
+    ) -> np.ndarray:
+        """The ids a table is looked up with: raw (zch), hashed (hash: true), or range-checked."""
+
+        def row_of(i: int) -> int:
+            return i if offsets is None else int(np.searchsorted(offsets, i, side="right") - 1)
+
         if f.zch is not None:  # raw ids, remapped by the model's managed-collision module
             bad = np.flatnonzero(v == ZCH_EMPTY_ID)
             if len(bad):
-                row = int(np.searchsorted(offsets, bad[0], side="right") - 1)
                 raise DataError(
-                    f"{where}, column {f.column!r}: id {ZCH_EMPTY_ID} (row {row}) is reserved by managed "
-                    "collisions (zch) for an empty slot"
+                    f"{where}, column {f.column!r}: id {ZCH_EMPTY_ID} (row {row_of(bad[0])}) is reserved "
+                    "by managed collisions (zch) for an empty slot"
                 )
-        elif f.hash:
-            v = hash_ids(v, f.num_embeddings)
-        else:
+            return v
+        if f.hash:
+            return hash_ids(v, f.num_embeddings)
+        if len(v) and (v.min() < 0 or v.max() >= f.num_embeddings):
             bad = np.flatnonzero((v < 0) | (v >= f.num_embeddings))
-            if len(bad):
-                row = int(np.searchsorted(offsets, bad[0], side="right") - 1)
-                raise DataError(
-                    f"{where}, column {f.column!r}: id {int(v[bad[0]])} outside "
-                    f"[0, {f.num_embeddings}) (row {row}); set hash: true to hash raw ids"
-                )
-        return offsets, v
-
-    @staticmethod
-    def _keep_last(offsets: np.ndarray, v: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keep the last min(len, max_len) items of each row (most recent last)."""
-        lens = np.diff(offsets)
-        if len(lens) == 0 or lens.max() <= max_len:
-            return offsets, v
-        keep = np.minimum(lens, max_len)
-        new_off, gather = _jagged_gather(offsets[1:] - keep, keep)
-        return new_off, v[gather]
+            raise DataError(
+                f"{where}, column {f.column!r}: id {int(v[bad[0]])} outside "
+                f"[0, {f.num_embeddings}) (row {row_of(bad[0])}); set hash: true to hash raw ids"
+            )
+        return v
 
     def _weights(self, arr: pa.Array, where: str, column: str) -> np.ndarray:
         """The sample weights: finite and >= 0 (a weight of 0 drops the row from loss and metrics)."""

@@ -41,10 +41,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.batch import RecBatch
-from data.decode import Chunk, DataError, Decoder, check_file, open_parquet
+from data.decode import BatchArrays, Chunk, DataError, Decoder, check_file, open_parquet
 from data.hashing import splitmix64
 from data.schema import Schema
 from data.storage import display, exists, is_dir, join, list_files
+from data.workers import worker_batches
 
 POLICIES = ("drop_last", "pad")
 
@@ -86,6 +87,7 @@ class ParquetReader:
         extra_columns: Sequence[str] = (),
         pin_memory: bool = False,
         negative_rate: float = 1.0,
+        workers: int = 0,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -98,6 +100,9 @@ class ParquetReader:
         if negative_rate < 1 and not labels:
             raise ValueError("negative down-sampling needs the label columns")
         self.negative_rate = negative_rate
+        if workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {workers}")
+        self.workers = workers  # decoding processes (data/workers.py); 0: a thread of this process
         self.schema, self.batch_size, self.rank, self.world_size = schema, batch_size, rank, world_size
         self.shuffle, self.seed, self.policy, self.prefetch = shuffle, seed, policy, prefetch
         if split_keys is not None:  # (pooled keys, unpooled keys): which KJT each schema feature goes to
@@ -177,7 +182,12 @@ class ParquetReader:
     def __iter__(self) -> Iterator[RecBatch]:
         start, self._resume_from = self._resume_from, 0
         self._yielded = start
-        source = self._batches(self._epoch, start)
+        if self.workers > 0:
+            for b in worker_batches(self, self._epoch, start):
+                self._yielded += 1
+                yield b
+            return
+        source = (b.to_batch() for b in self._batches(self._epoch, start))
         if self.pin_memory:
             source = (b.pin_memory() for b in source)
         if self.prefetch <= 0:
@@ -245,10 +255,10 @@ class ParquetReader:
         draw = splitmix64(splitmix64(position) ^ np.uint64(self.seed)) >> np.uint64(11)  # 53 bits
         return (labels > 0.5).any(axis=1) | (draw * 2.0**-53 < self.negative_rate)
 
-    def _chunks(self, epoch: int, start_row: int) -> Iterator[Chunk]:
-        """This epoch's stream rows [start_row, stream_rows), as decoded chunks in order."""
-        handles: dict[int, pq.ParquetFile] = {}
-        pos = 0  # stream row index at the start of the current row group
+    def _stream_plan(self, epoch: int, start_row: int) -> list[tuple[_RowGroup, int, int]]:
+        """The row groups holding this epoch's stream rows [start_row, stream_rows), in order, each with
+        the stream rows [lo, hi) it contributes (its first hi - lo kept rows)."""
+        plan, pos = [], 0  # pos: stream row index at the start of the current row group
         for pair in self._epoch_pairs(epoch):
             lo, hi = pos, min(pos + pair.rows, self._stream_rows)
             pos += pair.rows
@@ -256,51 +266,73 @@ class ParquetReader:
                 continue  # wholly before the resume point: skipped without decoding
             if lo >= self._stream_rows:
                 break
-            chunk = self._read(pair, handles)
-            yield chunk.slice(max(start_row - lo, 0), hi - lo)
+            plan.append((pair, lo, hi))
+        return plan
 
-    def _batches(self, epoch: int, start_batch: int) -> Iterator[RecBatch]:
-        B, W, keys = self.batch_size, self.window, self.schema.sparse_keys
-        batch_no = start_batch
-        w = start_batch * B // W  # first window to build
+    def _chunks(self, epoch: int, start_row: int) -> Iterator[Chunk]:
+        """This epoch's stream rows [start_row, stream_rows), as decoded chunks in order."""
+        handles: dict[int, pq.ParquetFile] = {}
+        for pair, lo, hi in self._stream_plan(epoch, start_row):
+            yield self._read(pair, handles).slice(max(start_row - lo, 0), hi - lo)
+
+    def _window_sizes(self, start_batch: int) -> range:
+        """The windows this epoch's stream from batch `start_batch` on is cut into (window w holds the
+        stream rows [w * W, w * W + size(w)))."""
+        return range(start_batch * self.batch_size // self.window, -(-self._stream_rows // self.window))
+
+    def _window_size(self, w: int) -> int:
+        return min(self.window, self._stream_rows - w * self.window)
+
+    def _window_batches(self, window: Chunk, epoch: int, w: int, start_batch: int) -> Iterator[BatchArrays]:
+        """The batches of window w (its rows `window`, shuffled), from batch `start_batch` of the epoch."""
+        B, W, size = self.batch_size, self.window, window.n
+        perm = (
+            np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(size)
+            if self.shuffle
+            else np.arange(size)
+        )
+        for b in range(-(-size // B)):
+            if w * W + b * B < start_batch * B:
+                continue  # before the resume point inside the first window
+            idx = perm[b * B : (b + 1) * B]
+            real = len(idx)
+            mask = np.ones(B, dtype=bool)
+            if real < B:  # pad policy only: repeat a real row, masked out
+                idx = np.concatenate([idx, np.full(B - real, idx[0])])
+                mask[real:] = False
+            yield window.batch_arrays(self.schema.sparse_keys, mask, self.split_keys, idx)
+
+    def _pad_batches(self, batches_before: int) -> Iterator[BatchArrays]:
+        """Pad policy: the all-padding batches of a rank that ran out of rows before the others."""
+        if batches_before >= self._num_batches:
+            return
+        pad, B = self._pad_row(), self.batch_size
+        for _ in range(batches_before, self._num_batches):
+            yield pad.batch_arrays(self.schema.sparse_keys, np.zeros(B, dtype=bool), self.split_keys,
+                                   np.zeros(B, dtype=np.int64))  # fmt: skip
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[BatchArrays]:
+        """This epoch's batches from `start_batch` on, decoded in this process (workers=0)."""
+        W = self.window
+        windows = self._window_sizes(start_batch)
         pending: list[Chunk] = []
         have = 0
-        chunks = self._chunks(epoch, w * W)
-        exhausted = False
-        while w * W < self._stream_rows:
-            size = min(W, self._stream_rows - w * W)
-            while have < size and not exhausted:
-                c = next(chunks, None)
-                if c is None:
-                    exhausted = True
-                else:
-                    pending.append(c)
-                    have += c.n
+        chunks = self._chunks(epoch, windows.start * W)
+        for w in windows:
+            size = self._window_size(w)
+            while have < size:
+                c = next(chunks)
+                pending.append(c)
+                have += c.n
             rows = Chunk.concat(pending)
             window, rest = rows.slice(0, size), rows.slice(size, rows.n)
             pending, have = ([rest], rest.n) if rest.n else ([], 0)
-            perm = (
-                np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(size)
-                if self.shuffle
-                else np.arange(size)
-            )
-            for b in range(-(-size // B)):
-                if w * W + b * B < batch_no * B:
-                    continue  # before the resume point inside the first window
-                idx = perm[b * B : (b + 1) * B]
-                real = len(idx)
-                mask = np.ones(B, dtype=bool)
-                if real < B:  # pad policy only: repeat a real row, masked out
-                    idx = np.concatenate([idx, np.full(B - real, idx[0])])
-                    mask[real:] = False
-                yield window.take(idx).to_batch(keys, mask, self.split_keys)
-                batch_no += 1
-            w += 1
-        if batch_no < self._num_batches:  # pad policy: this rank ran out of rows before the others
-            pad = self._pad_row()
-            mask = np.zeros(B, dtype=bool)
-            for _ in range(batch_no, self._num_batches):
-                yield pad.take(np.zeros(B, dtype=np.int64)).to_batch(keys, mask, self.split_keys)
+            yield from self._window_batches(window, epoch, w, start_batch)
+        yield from self._pad_batches(max(start_batch, self._batches_in_windows()))
+
+    def _batches_in_windows(self) -> int:
+        """Batches per epoch that hold stream rows (the pad policy adds all-padding ones after them)."""
+        return -(-self._stream_rows // self.batch_size)
 
     def _pad_row(self) -> Chunk:
         """A real row to repeat in all-padding batches: the first row of this rank's (or any) shard."""

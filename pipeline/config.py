@@ -95,6 +95,10 @@ class DataConfig:
     eval_batch_size: int = 2048
     shuffle_buffer: int = 16384
     prefetch: int = 8
+    # Decoding processes per rank (data/workers.py): each decodes Parquet and builds whole batches, so the
+    # training process only receives them; 0: one thread of the training process does it (it shares the GIL
+    # with the training loop). The batches are the same either way.
+    workers: int = 0
     # Negative down-sampling of the training split: keep this fraction of the rows whose labels are all 0
     # (seeded by trainer.seed, the same rows every epoch; data/reader.py). Evaluation and serving correct
     # the predictions back, p / (p + (1 - p) / r) (models/ranking.py). 1: every row.
@@ -103,6 +107,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0 < self.negative_rate <= 1:
             raise ValueError(f"data.negative_rate must be in (0, 1], got {self.negative_rate}")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
 
 
 @dataclass
@@ -115,6 +121,7 @@ class ScoreDataConfig:
     split: str = "test"
     eval_batch_size: int | None = None
     prefetch: int | None = None
+    workers: int | None = None
 
     def over(self, trained: DataConfig) -> DataConfig:
         """The training run's data config with this job's fields where set."""
@@ -124,6 +131,7 @@ class ScoreDataConfig:
             split=self.split,
             eval_batch_size=trained.eval_batch_size if self.eval_batch_size is None else self.eval_batch_size,
             prefetch=trained.prefetch if self.prefetch is None else self.prefetch,
+            workers=trained.workers if self.workers is None else self.workers,
         )
 
 

@@ -61,6 +61,7 @@ def make_reader(cfg: TrainConfig, schema: Schema, info: DistInfo, split: str, tr
         seed=cfg.trainer.seed,
         policy="drop_last" if train else "pad",
         prefetch=d.prefetch,
+        workers=d.workers,
         split_keys=input_keys(schema, cfg.model.sequence),  # bag / embedding collection KJTs
         pin_memory=info.device.type == "cuda",
         negative_rate=d.negative_rate if train else 1.0,  # validation and test see every row

@@ -171,6 +171,7 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
         shuffle=False,
         policy="pad",
         prefetch=data.prefetch,
+        workers=data.workers,
         split_keys=input_keys(schema, run_cfg.model.sequence),
         labels=False,
         extra_columns=passthrough,

@@ -119,7 +119,7 @@ class Predictor:
         self.schema = Schema.from_dict(self.manifest["schema"])
         self.tasks: list[str] = list(self.manifest["tasks"])
         self.decoder = Decoder(self.schema, labels=False)
-        self.keys = list(self.schema.sparse_keys)  # Chunk offsets / values order
+        self.keys = list(self.schema.sparse_keys)  # Chunk key positions
         self.pooled = [tuple(p) for p in self.manifest["pooled"]]  # (feature, table, pooling, dim)
         self.sequence = [tuple(s) for s in self.manifest["sequence_features"]]  # (feature, table)
         self.tables = torch.load(self.path / "embeddings.pt", weights_only=True)
@@ -140,7 +140,7 @@ class Predictor:
         cols = []
         for feature, table_name, pooling, _ in self.pooled:
             k = self.keys.index(feature)
-            offsets, ids = torch.from_numpy(chunk.offsets[k]), torch.from_numpy(chunk.values[k])
+            offsets, ids = torch.from_numpy(chunk.key_offsets(k)), torch.from_numpy(chunk.key_values(k))
             cols.append(pool(lookup_rows(self.tables[table_name], ids), offsets, pooling))
         out = ModelInputs(
             dense=torch.from_numpy(np.ascontiguousarray(chunk.dense)),
@@ -150,9 +150,9 @@ class Predictor:
         if self.sequence:
             ks = [self.keys.index(f) for f, _ in self.sequence]
             tables = [self.tables[t] for _, t in self.sequence]
-            items = [lookup_rows(t, torch.from_numpy(chunk.values[k])) for k, t in zip(ks, tables)]
+            items = [lookup_rows(t, torch.from_numpy(chunk.key_values(k))) for k, t in zip(ks, tables)]
             out.items = torch.cat(items, dim=1)  # (N, d_item): the aligned features side by side
-            out.lengths = torch.from_numpy(np.diff(chunk.offsets[ks[0]]))
+            out.lengths = torch.from_numpy(np.diff(chunk.key_offsets(ks[0])))
         return out
 
     # ---------------------------------------------------------------- scoring

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
 import threading
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from data.batch import RecBatch
 from data.hashing import hash_ids
 from data.reader import DataError, ParquetReader
 from data.schema import Schema
+from data.workers import shared_root
+from models.sparse_arch import input_keys
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +263,79 @@ def test_abandoned_iterator_stops_its_prefetch_thread(small_dataset, synthetic_s
     assert not [t for t in threading.enumerate() if t.name.startswith("ParquetReader")]
 
 
+# ------------------------------------------------------------------ worker processes (data/workers.py)
+def _identical(a: RecBatch, b: RecBatch) -> bool:
+    """Every tensor of the batches equal, KJTs with their per-key lengths."""
+    kjts = [(a.sparse, b.sparse)] + ([(a.sequence, b.sequence)] if a.sequence is not None else [])
+    return (
+        all(
+            torch.equal(getattr(a, f), getattr(b, f))
+            for f in ("dense", "labels", "user_id", "mask", "weight")
+        )
+        and (a.sequence is None) == (b.sequence is None)
+        and all(
+            x.keys() == y.keys()
+            and torch.equal(x.values(), y.values())
+            and torch.equal(x.lengths(), y.lengths())
+            and x.length_per_key() == y.length_per_key()
+            for x, y in kjts
+        )
+    )
+
+
+def _stores() -> list[str]:
+    """This process's loader stores in shared memory (data/workers.py)."""
+    return [p.name for p in Path(shared_root()).glob(f"rankmixer-loader-{os.getpid()}-*")]
+
+
+@pytest.mark.parametrize(
+    ("workers", "policy", "negative_rate", "sequence"),
+    [(1, "drop_last", 1.0, "mean_pool"), (3, "pad", 1.0, "longer"), (2, "drop_last", 0.3, "mean_pool")],
+)
+def test_worker_processes_yield_the_threads_batches_and_resume_inside_a_window(
+    small_dataset, row_id_schema, workers, policy, negative_rate, sequence
+):
+    def reader(n: int) -> ParquetReader:
+        r = ParquetReader(
+            _train(small_dataset),
+            row_id_schema,
+            batch_size=200,
+            rank=1,
+            world_size=2,
+            shuffle_buffer=1000,  # windows of 5 batches, each across row groups of ~625 rows
+            seed=7,
+            policy=policy,
+            negative_rate=negative_rate,
+            split_keys=input_keys(row_id_schema, sequence),
+            workers=n,
+        )
+        r.set_epoch(2)
+        return r
+
+    full = _all(reader(0))
+    streamed = _all(reader(workers))
+    assert len(streamed) == len(full) and all(_identical(a, b) for a, b in zip(streamed, full))
+    resumed = reader(workers)
+    resumed.load_state_dict({"epoch": 2, "batches_yielded": 7})  # inside the second window
+    rest = _all(resumed)
+    assert len(rest) == len(full) - 7 and all(_identical(a, b) for a, b in zip(rest, full[7:]))
+    assert resumed.state_dict()["batches_yielded"] == len(full)
+    assert not _stores()
+
+
+def test_abandoned_worker_iterator_stops_its_processes_and_removes_its_shared_memory(
+    small_dataset, synthetic_schema
+):
+    reader = ParquetReader(
+        _train(small_dataset), synthetic_schema, batch_size=64, shuffle_buffer=640, workers=2
+    )
+    it = iter(reader)
+    next(it)
+    assert len(_stores()) == 1 and len(multiprocessing.active_children()) == 2
+    it.close()
+    assert not _stores() and not multiprocessing.active_children()
+
+
 # ------------------------------------------------------------------ bad input
 MINI = Schema.from_dict(
     {
@@ -347,6 +424,22 @@ def test_bad_values_raise_data_error_naming_file_row_group_column_and_value(tmp_
 
 
 WEIGHTED = dataclasses.replace(MINI, weight="w")
+
+
+def test_a_bad_value_a_worker_meets_is_the_threads_one_line_data_error(tmp_path):
+    path = tmp_path / "part-00000.parquet"
+    pq.write_table(pa.table(_mini_columns(a=pa.array([1, -4, 3], pa.int64()))), path, row_group_size=1)
+
+    def error(workers: int) -> str:
+        # windows of 2 rows: worker 0's first window needs row group 1, whose decoding fails in worker 1
+        reader = ParquetReader(path, MINI, batch_size=1, shuffle_buffer=2, workers=workers)
+        with pytest.raises(DataError) as err:
+            list(reader)
+        return str(err.value)
+
+    message = error(2)
+    assert message == error(0) and "row group 1" in message and "\n" not in message
+    assert not _stores()
 
 
 def test_sample_weight_column_reads_and_padding_rows_weigh_zero(tmp_path):

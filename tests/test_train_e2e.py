@@ -116,10 +116,17 @@ def test_sparse_moe_run_logs_routing_resumes_exactly_and_evaluates_sparse_and_de
 ):
     steps = 20
     full = tmp_path / "full"
+    # The data come from loader worker processes (data/workers.py): 1 per rank here, 2 in the resumed run,
+    # whose batches must still be the uninterrupted run's.
     ok(
         run(
             train_cmd(
-                dataset, full, *SMOE, f"trainer.max_steps={2 * steps}", f"trainer.checkpoint_every={steps}"
+                dataset,
+                full,
+                *SMOE,
+                f"trainer.max_steps={2 * steps}",
+                f"trainer.checkpoint_every={steps}",
+                "data.workers=1",
             )
         )
     )
@@ -127,7 +134,15 @@ def test_sparse_moe_run_logs_routing_resumes_exactly_and_evaluates_sparse_and_de
     cut = f"trainer.resume={full / 'checkpoints' / f'step_{steps:08d}'}"
     ok(
         run(
-            train_cmd(dataset, part, *SMOE, f"trainer.max_steps={2 * steps}", "trainer.final_eval=false", cut)
+            train_cmd(
+                dataset,
+                part,
+                *SMOE,
+                f"trainer.max_steps={2 * steps}",
+                "trainer.final_eval=false",
+                "data.workers=2",
+                cut,
+            )
         )
     )
     a, b = records(full, "train"), records(part, "train")

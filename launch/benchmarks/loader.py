@@ -1,7 +1,11 @@
 """Reader throughput: rows/s from Parquet to RecBatch (with prefetch) on one core.
 
-    python launch/bench.py loader --root datasets/synthetic --batch-size 512 [--split train] [--max-batches N]
-        [--against-s3]
+    python launch/bench.py loader --root datasets/synthetic --batch-size 4096 [--workers 0,1,2] [--split train]
+        [--max-batches N] [--against-s3]
+
+`--workers` lists the reader's decoding processes to measure in one run (0: the prefetch thread of this
+process); each figure is one pass over the split after a warm-up pass (the page cache holds the files), and
+the summary gives each count's rows/s per decoding core and its speed-up over one worker.
 
 `--root` is a path or a URI and `--split` a directory or a partition selection (data/partitions.py).
 `--against-s3` measures the same split twice in one run: from local disk, then from a local S3-compatible
@@ -40,17 +44,35 @@ def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
     split = getattr(args, "split", "train")
     if getattr(args, "against_s3", False):
         return _against_s3(args, schema, split)
-    return _measure(args, schema, args.root, split, threads)
+    counts = getattr(args, "workers", None) or [0]
+    results = [_measure(args, schema, args.root, split, threads, workers=n) for n in counts]
+    if len(results) == 1:
+        return results[0]
+    one = next((r["rows_per_s"] for r in results if r["workers"] == 1), None)
+    summary = {
+        f"workers={r['workers']}": {
+            "rows_per_s": r["rows_per_s"],
+            "rows_per_s_per_decoding_core": round(r["rows_per_s"] / max(r["workers"], 1), 1),
+            **({"over_one_worker": round(r["rows_per_s"] / one, 3)} if one else {}),
+        }
+        for r in results
+    }
+    print(json.dumps({"summary": summary}))
+    return {"runs": results, "summary": summary}
 
 
-def _measure(args: argparse.Namespace, schema: Any, root: str, split: str, threads: int) -> dict[str, Any]:
+def _measure(
+    args: argparse.Namespace, schema: Any, root: str, split: str, threads: int, workers: int = 0
+) -> dict[str, Any]:
     from data.partitions import split_files
     from data.reader import ParquetReader
 
     files = split_files(root, split)
-    reader = ParquetReader(
-        files, schema, batch_size=args.batch_size, shuffle=getattr(args, "shuffle", True), prefetch=4
-    )
+    reader = ParquetReader(files, schema, batch_size=args.batch_size, shuffle=getattr(args, "shuffle", True),
+                           prefetch=4, workers=workers)  # fmt: skip
+    for n, _ in enumerate(reader):  # warm-up: the page cache, the allocator
+        if n >= 20:
+            break
     max_batches = getattr(args, "max_batches", None) or len(reader)
     rows = values = n = 0
     t0 = time.perf_counter()
@@ -66,6 +88,7 @@ def _measure(args: argparse.Namespace, schema: Any, root: str, split: str, threa
         "split": split,
         "batch_size": args.batch_size,
         "threads": threads,
+        "workers": workers,
         "batches": n,
         "rows": rows,
         "seconds": round(dt, 3),
@@ -115,6 +138,13 @@ def _against_s3(args: argparse.Namespace, schema: Any, split: str) -> dict[str, 
     return result
 
 
+def _counts(text: str) -> list[int]:
+    counts = [int(v) for v in text.split(",") if v.strip()]
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"expected counts >= 0, got {text!r}")
+    return counts
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's options; shared with `launch/bench.py loader`."""
     ap.add_argument("--root", required=True, help="dataset root (a path or URI)")
@@ -123,6 +153,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--max-batches", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=_counts, default=[0], help="decoding processes, e.g. 0,1,2")
     ap.add_argument("--no-shuffle", dest="shuffle", action="store_false")
     ap.add_argument("--against-s3", action="store_true", help="also from a local S3 server; the ratio")
     return ap

@@ -124,7 +124,7 @@ def build_features(chunk: Chunk, schema: Schema) -> Features:
         num[name] = chunk.dense[:, j].astype(np.float64)
 
     jagged: list[SparseFeature | SequenceFeature] = [*schema.sparse, *schema.sequence_features]
-    lists = {f.name: (o, v) for f, o, v in zip(jagged, chunk.offsets, chunk.values)}
+    lists = {f.name: (chunk.key_offsets(k), chunk.key_values(k)) for k, f in enumerate(jagged)}
     # single-valued sparse features by table: the candidates a list on the same table is matched against
     candidates: dict[str, list[SparseFeature]] = {}
     for f in schema.sparse:
