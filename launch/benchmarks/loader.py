@@ -1,7 +1,9 @@
 """Reader throughput: rows/s from Parquet to RecBatch (with prefetch) on one core.
 
-    python launch/bench.py loader --root datasets/synthetic --batch-size 4096 [--workers 0,1,2] [--split train]
-        [--max-batches N] [--against-s3]
+    python launch/bench.py loader --root datasets/synthetic --batch-size 4096 [--workers 0,1,2]
+        [--split train] [--max-batches N] [--against-s3]
+    torchrun --nproc_per_node R launch/bench.py loader --root datasets/synthetic --in-training --workers 0,1
+        (launch/benchmarks/loader_step.py: the training step time, streamed vs pre-loaded batches)
 
 `--workers` lists the reader's decoding processes to measure in one run (0: the prefetch thread of this
 process); each figure is one pass over the split after a warm-up pass (the page cache holds the files), and
@@ -40,6 +42,10 @@ def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
     pa.set_cpu_count(threads)
     pa.set_io_thread_count(threads)
 
+    if getattr(args, "in_training", False):
+        from launch.benchmarks.loader_step import bench_in_training
+
+        return {"in_training": bench_in_training(args)}
     schema = Schema.load(getattr(args, "config", None) or DEFAULT_CONFIG)
     split = getattr(args, "split", "train")
     if getattr(args, "against_s3", False):
@@ -156,6 +162,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=_counts, default=[0], help="decoding processes, e.g. 0,1,2")
     ap.add_argument("--no-shuffle", dest="shuffle", action="store_false")
     ap.add_argument("--against-s3", action="store_true", help="also from a local S3 server; the ratio")
+    ap.add_argument(
+        "--in-training",
+        action="store_true",
+        help="step time of the make-train job, streamed vs one pre-loaded batch (under torchrun)",
+    )
+    ap.add_argument("--steps", type=int, default=150, help="--in-training: timed steps per mode")
+    ap.add_argument("--override", action="append", default=[], help="--in-training: a train config override")
     return ap
 
 
