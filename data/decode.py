@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,9 +94,13 @@ class Block:
 
 
 def _take(v: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """v[idx] for indices known to be in range: mode="clip" skips numpy's bounds pass and, with `out`,
-    writes straight into it (mode="raise" buffers the output)."""
-    return np.take(v, idx, out=out, mode="clip")
+    """v[idx] (rows of a 2-d v) for indices known to be in range: mode="clip" skips numpy's bounds pass
+    and, with `out`, writes straight into it (mode="raise" buffers the output)."""
+    return np.take(v, idx, axis=0, out=out, mode="clip")
+
+
+# (shape, dtype) -> an uninitialised array to fill, np.empty's signature
+Alloc = Callable[[tuple[int, ...], Any], np.ndarray]
 
 
 @dataclass
@@ -217,13 +221,18 @@ class Chunk:
         )
 
     def kjt_arrays(
-        self, keys: Sequence[str], wanted: Sequence[str], idx: np.ndarray | None = None
+        self,
+        keys: Sequence[str],
+        wanted: Sequence[str],
+        idx: np.ndarray | None = None,
+        alloc: Alloc = np.empty,
     ) -> KJTArrays:
         """The KJT parts of the `wanted` keys (in that order) of rows `idx` (None: all rows, in order);
-        `keys` names the key positions. Each id is copied once, from the chunk into the KJT's values."""
+        `keys` names the key positions. Each id is copied once, from the chunk into the KJT's values;
+        `alloc(shape, dtype)` gives the values' array, then the lengths'."""
         position = {k: i for i, k in enumerate(keys)}
         rows = np.arange(self.n) if idx is None else idx
-        layout = []  # per wanted key: (block, its row, the block's offsets and value indices for `rows`)
+        layout = []  # per wanted key: (its ids in the chunk, lengths and value indices of `rows`)
         gathered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for k in wanted:
             block, row = self._where(position[k])
@@ -233,13 +242,34 @@ class Chunk:
                 gathered[id(block)] = lengths, gather
             layout.append((block.values[row], *gathered[id(block)]))
         length_per_key = [len(gather) for _, _, gather in layout]
-        values = np.empty(sum(length_per_key), dtype=np.int64)
+        values = alloc((sum(length_per_key),), np.int64)
         start = 0
         for v, _, gather in layout:
             _take(v, gather, out=values[start : start + len(gather)])
             start += len(gather)
-        lengths = np.concatenate([lengths for _, lengths, _ in layout])
+        lengths = alloc((len(layout) * len(rows),), np.int64)
+        np.concatenate([lengths for _, lengths, _ in layout], out=lengths)
         return KJTArrays(list(wanted), values, lengths, length_per_key)
+
+    def batch_sizes(
+        self, keys: Sequence[str], split: tuple[Sequence[str], Sequence[str]] | None, idx: np.ndarray,
+        block_lengths: dict[int, np.ndarray],
+    ) -> tuple[int, int, int]:  # fmt: skip
+        """The (int64, float32, bool) elements `batch_arrays` allocates for rows `idx`; `block_lengths`
+        caches each block's lengths per row across calls."""
+        wanted = [*split[0], *split[1]] if split is not None else list(keys)
+        position = {k: i for i, k in enumerate(keys)}
+        ids = 0
+        for k in wanted:
+            block, _ = self._where(position[k])
+            if block.offsets is None:
+                ids += len(idx)
+                continue
+            if id(block) not in block_lengths:
+                block_lengths[id(block)] = block.lengths(self.n)
+            ids += int(block_lengths[id(block)][idx].sum())
+        B = len(idx)
+        return B + ids + len(wanted) * B, B * (self.dense.shape[1] + self.labels.shape[1] + 1), B
 
     def batch_arrays(
         self,
@@ -247,20 +277,26 @@ class Chunk:
         mask: np.ndarray,
         split: tuple[Sequence[str], Sequence[str]] | None = None,
         idx: np.ndarray | None = None,
+        alloc: Alloc = np.empty,
     ) -> BatchArrays:
         """The batch of rows `idx` (None: all rows, in order). `split` = (pooled keys, unpooled keys): two
-        KJTs, `sparse` and `sequence`; None: one KJT. Rows with mask False (padding) get weight 0."""
+        KJTs, `sparse` and `sequence`; None: one KJT. Rows with mask False (padding) get weight 0.
+        `alloc(shape, dtype)` gives each output array, per dtype in this order: float32 dense, labels,
+        weight; int64 user ids, then each KJT's values and lengths; bool mask (data/workers.py carves them
+        out of shared memory in that order)."""
         sparse_keys, sequence_keys = split if split is not None else (keys, ())
         rows = np.arange(self.n) if idx is None else idx
-        return BatchArrays(
-            dense=self.dense[rows],
-            labels=self.labels[rows],
-            user_id=self.user_id[rows],
-            mask=mask,
-            weight=np.where(mask, self.weight[rows], np.float32(0)),
-            sparse=self.kjt_arrays(keys, sparse_keys, rows),
-            sequence=self.kjt_arrays(keys, sequence_keys, rows) if sequence_keys else None,
-        )
+        B = len(rows)
+        dense = _take(self.dense, rows, alloc((B, self.dense.shape[1]), np.float32))
+        labels = _take(self.labels, rows, alloc((B, self.labels.shape[1]), np.float32))
+        weight = _take(self.weight, rows, alloc((B,), np.float32))
+        weight[~mask] = 0
+        user_id = _take(self.user_id, rows, alloc((B,), np.int64))
+        sparse = self.kjt_arrays(keys, sparse_keys, rows, alloc)
+        sequence = self.kjt_arrays(keys, sequence_keys, rows, alloc) if sequence_keys else None
+        flags = alloc((B,), np.bool_)
+        flags[:] = mask
+        return BatchArrays(dense, labels, user_id, flags, weight, sparse, sequence)
 
     def to_batch(
         self,

@@ -283,9 +283,12 @@ class ParquetReader:
     def _window_size(self, w: int) -> int:
         return min(self.window, self._stream_rows - w * self.window)
 
-    def _window_batches(self, window: Chunk, epoch: int, w: int, start_batch: int) -> Iterator[BatchArrays]:
-        """The batches of window w (its rows `window`, shuffled), from batch `start_batch` of the epoch."""
-        B, W, size = self.batch_size, self.window, window.n
+    def _window_plan(
+        self, size: int, epoch: int, w: int, start_batch: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(row indices into the window, mask) of each batch of window w (`size` rows), shuffled, from
+        batch `start_batch` of the epoch on."""
+        B, W = self.batch_size, self.window
         perm = (
             np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(size)
             if self.shuffle
@@ -300,16 +303,20 @@ class ParquetReader:
             if real < B:  # pad policy only: repeat a real row, masked out
                 idx = np.concatenate([idx, np.full(B - real, idx[0])])
                 mask[real:] = False
+            yield idx, mask
+
+    def _window_batches(self, window: Chunk, epoch: int, w: int, start_batch: int) -> Iterator[BatchArrays]:
+        for idx, mask in self._window_plan(window.n, epoch, w, start_batch):
             yield window.batch_arrays(self.schema.sparse_keys, mask, self.split_keys, idx)
 
-    def _pad_batches(self, batches_before: int) -> Iterator[BatchArrays]:
-        """Pad policy: the all-padding batches of a rank that ran out of rows before the others."""
+    def _pad_plan(self, batches_before: int) -> Iterator[tuple[Chunk, np.ndarray, np.ndarray]]:
+        """Pad policy: (a real row, indices, mask) of the all-padding batches of a rank that ran out of
+        rows before the others."""
         if batches_before >= self._num_batches:
             return
         pad, B = self._pad_row(), self.batch_size
         for _ in range(batches_before, self._num_batches):
-            yield pad.batch_arrays(self.schema.sparse_keys, np.zeros(B, dtype=bool), self.split_keys,
-                                   np.zeros(B, dtype=np.int64))  # fmt: skip
+            yield pad, np.zeros(B, dtype=np.int64), np.zeros(B, dtype=bool)
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[BatchArrays]:
         """This epoch's batches from `start_batch` on, decoded in this process (workers=0)."""
@@ -328,7 +335,8 @@ class ParquetReader:
             window, rest = rows.slice(0, size), rows.slice(size, rows.n)
             pending, have = ([rest], rest.n) if rest.n else ([], 0)
             yield from self._window_batches(window, epoch, w, start_batch)
-        yield from self._pad_batches(max(start_batch, self._batches_in_windows()))
+        for pad, idx, mask in self._pad_plan(max(start_batch, self._batches_in_windows())):
+            yield pad.batch_arrays(self.schema.sparse_keys, mask, self.split_keys, idx)
 
     def _batches_in_windows(self) -> int:
         """Batches per epoch that hold stream rows (the pad policy adds all-padding ones after them)."""

@@ -35,15 +35,15 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.decode import BatchArrays, Block, Chunk, DataError, kjt_of
+from data.decode import Block, Chunk, DataError, kjt_of
 
 if TYPE_CHECKING:
     from data.batch import RecBatch
@@ -193,23 +193,35 @@ def _shared_empty(n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, (n,), (1,))
 
 
-def pack(window: int, batches: list[BatchArrays]) -> WindowItem:
-    """The batches' arrays copied into three shared-memory tensors (sent as file descriptors: the training
-    process maps them, no copy)."""
-    ints_of = [[b.user_id, b.sparse.values, b.sparse.lengths] for b in batches]
-    for parts, b in zip(ints_of, batches):
-        if b.sequence is not None:
-            parts += [b.sequence.values, b.sequence.lengths]
-    floats_of = [[b.dense.reshape(-1), b.labels.reshape(-1), b.weight] for b in batches]
-    groups = (ints_of, floats_of, [[b.mask] for b in batches])
+class _Carver:
+    """An `Alloc` (data/decode.py) that hands out consecutive pieces of one flat array per dtype."""
+
+    def __init__(self, flats: dict[Any, np.ndarray]) -> None:
+        self.flats, self.at = flats, dict.fromkeys(flats, 0)
+
+    def __call__(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        n, at = int(np.prod(shape)), self.at[dtype]
+        self.at[dtype] = at + n
+        return self.flats[dtype][at : at + n].reshape(shape)
+
+
+def pack(
+    window: int,
+    parts: list[tuple[Chunk, np.ndarray, np.ndarray]],
+    keys: Sequence[str],
+    split: tuple[Sequence[str], Sequence[str]] | None,
+) -> WindowItem:
+    """The batches (chunk, row indices, mask) of a window, built straight into three shared-memory tensors
+    (sent as file descriptors: the training process maps them, no copy): their sizes first, then each
+    batch's arrays carved out of them in `Chunk.batch_arrays`' allocation order."""
+    block_lengths: dict[int, np.ndarray] = {}
+    sizes = np.array([chunk.batch_sizes(keys, split, idx, block_lengths) for chunk, idx, _ in parts])
     dtypes = (torch.int64, torch.float32, torch.bool)
-    tensors = [_shared_empty(sum(a.size for parts in g for a in parts), d) for g, d in zip(groups, dtypes)]
-    for flat, g in zip(tensors, groups):
-        view, at = flat.numpy(), 0
-        for parts in g:
-            for a in parts:
-                view[at : at + a.size] = a
-                at += a.size
+    tensors = [_shared_empty(int(n), d) for n, d in zip(sizes.sum(0), dtypes)]
+    carve = _Carver({np.dtype(np.int64): tensors[0].numpy(), np.dtype(np.float32): tensors[1].numpy(),
+                     np.dtype(np.bool_): tensors[2].numpy()})  # fmt: skip
+    batches = [chunk.batch_arrays(keys, mask, split, idx, carve) for chunk, idx, mask in parts]
     first = batches[0]
     return WindowItem(
         window=window,
@@ -225,7 +237,7 @@ def pack(window: int, batches: list[BatchArrays]) -> WindowItem:
                 len(b.user_id),
                 b.sparse.length_per_key,
                 None if b.sequence is None else b.sequence.length_per_key,
-            )  # fmt: skip
+            )
             for b in batches
         ],
     )
@@ -300,6 +312,7 @@ def _worker_windows(
     windows = reader._window_sizes(start_batch)
     plan = reader._stream_plan(epoch, windows.start * W)  # [(row group, stream lo, stream hi)]
     ends = [hi for _, _, hi in plan]
+    keys = reader.schema.sparse_keys
     own: dict[int, Chunk] = {}  # this worker's decoded row groups that its later windows may need
     handles: dict = {}
     next_own = worker  # the next of this worker's row groups (q = worker mod workers) to decode
@@ -329,14 +342,15 @@ def _worker_windows(
             pieces.append(chunk.slice(max(lo - start, 0), min(hi, plan[q][2]) - start))
         for q in [q for q in own if ends[q] <= hi]:  # later windows start at hi or after
             del own[q]
-        batches = list(reader._window_batches(Chunk.concat(pieces), epoch, w, start_batch))
+        window = Chunk.concat(pieces)
+        parts = [(window, idx, mask) for idx, mask in reader._window_plan(window.n, epoch, w, start_batch)]
         if w == windows[-1]:
-            batches += reader._pad_batches(max(start_batch, reader._batches_in_windows()))
-        yield pack(w, batches)
+            parts += reader._pad_plan(max(start_batch, reader._batches_in_windows()))
+        yield pack(w, parts, keys, reader.split_keys)
     if not windows and worker == 0:  # pad policy: this rank has no rows left, only padding batches
-        pad = list(reader._pad_batches(max(start_batch, reader._batches_in_windows())))
+        pad = list(reader._pad_plan(max(start_batch, reader._batches_in_windows())))
         if pad:
-            yield pack(windows.start, pad)
+            yield pack(windows.start, pad, keys, reader.split_keys)
     decode_own(len(plan))  # the windows of other workers may still need them
 
 
