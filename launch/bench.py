@@ -10,16 +10,20 @@
             KV-cache serving (candidates/s with and without the cache, 1/16/128 candidates per user).
     serving Exported inference artifacts (launch/export.py) scoring a Parquet split in one process: rows/s,
             size, AUC, fp32 vs fp16 / int8 embeddings (launch/benchmarks/serving.py).
+    eval    Exact evaluation on W local gloo ranks: the sharded ExactAUCEvaluator.compute() vs
+            compute_gathered() (every row on every rank), wall time and peak RSS per rank, the metrics'
+            largest difference, an extrapolation to 100M rows on 8 ranks (launch/benchmarks/eval.py).
 
 Examples:
     python launch/bench.py dense --preset rankmixer_small --batch-size 512 --steps 20 --device cpu
     python launch/bench.py moe --preset rankmixer_small_smoe --batch-size 512 --ratios 1,0.5,0.25,0.125
     python launch/bench.py longer --lengths 256,1024,2048 --batch-size 32
     python launch/bench.py serving --artifacts out/fp32,out/int8 --data datasets/synthetic/test
+    python launch/bench.py eval --rows 10000000,50000000 --world 2 --json eval.json
 
 `dense`, `moe` and `longer` import torch only, never torchrec, so they run on any GPU box with torch.
 This file is the CLI; each subcommand lives in launch/benchmarks/ (dense.py: dense and moe, longer.py,
-loader.py, serving.py; timing.py: the shared timing utilities).
+loader.py, serving.py, eval.py; timing.py: the shared timing utilities).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import torch
 
 from launch.benchmarks.dense import DTYPES, cmd_dense, cmd_moe
+from launch.benchmarks.eval import add_arguments as add_eval_arguments
 from launch.benchmarks.loader import add_arguments as add_loader_arguments
 from launch.benchmarks.longer import cmd_longer
 from launch.benchmarks.serving import add_arguments as add_serving_arguments
@@ -120,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     serving = sub.add_parser("serving", help="exported artifacts: rows/s, size, AUC (fp32 vs fp16 / int8)")
     add_serving_arguments(serving)
     serving.set_defaults(func=cmd_serving)
+
+    # eval.py imports nothing heavy at module level; the evaluator comes with the run (cmd_eval).
+    evaluation = sub.add_parser(
+        "eval", help="exact evaluation: sharded vs gathered, time and peak RSS per rank"
+    )
+    add_eval_arguments(evaluation)
+    evaluation.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -134,6 +146,12 @@ def cmd_loader(args: argparse.Namespace) -> dict:
     from launch.benchmarks.loader import bench_loader
 
     return bench_loader(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from launch.benchmarks.eval import bench_eval  # the evaluator's modules: only for this subcommand
+
+    return bench_eval(args)
 
 
 def main(argv: list[str] | None = None) -> None:

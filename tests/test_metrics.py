@@ -63,7 +63,17 @@ def test_binary_auc_matches_sklearn(n: int, tie_levels: int | None, seed: int) -
     if labels.min() == labels.max():
         pytest.skip("one class only")
     expected = roc_auc_score(labels.numpy(), scores.numpy())
-    assert binary_auc(scores, labels) == pytest.approx(expected, abs=1e-6)
+    assert binary_auc(scores, labels) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("tie_levels", [None, 7])
+def test_binary_auc_is_float64_exact_where_a_float32_roc_curve_is_not(tie_levels: int | None) -> None:
+    """torchmetrics' float32 curve, used before, is 2e-10 (continuous) and 6e-9 (ties) off on these rows;
+    the sharded evaluation must equal this value to 1e-9."""
+    scores, labels, _ = _random_rows(100_000, 5, tie_levels)
+    assert binary_auc(scores, labels) == pytest.approx(
+        roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12
+    )
 
 
 def test_binary_auc_on_logits_keeps_distinct_large_logits_distinct() -> None:
@@ -131,7 +141,7 @@ def test_user_auc_single_user_equals_binary_auc() -> None:
     scores, labels, _ = _random_rows(5000, 4, 7)
     got = user_auc(scores, labels, torch.zeros(5000, dtype=torch.long))
     assert got["uauc_users"] == 1.0
-    assert got["uauc"] == pytest.approx(binary_auc(scores, labels), abs=1e-6)
+    assert got["uauc"] == pytest.approx(binary_auc(scores, labels), abs=1e-12)
     assert got["uauc_weighted"] == got["uauc"]
 
 
@@ -202,7 +212,7 @@ def test_evaluator_matches_functions_over_valid_rows() -> None:
     for t, task in enumerate(TASKS):
         y = labels[:, t].numpy()
         p = torch.sigmoid(logits[:, t].double()).numpy()
-        assert got[f"{task}/auc"] == pytest.approx(roc_auc_score(y, logits[:, t].numpy()), abs=1e-6)
+        assert got[f"{task}/auc"] == pytest.approx(roc_auc_score(y, logits[:, t].numpy()), abs=1e-12)
         uauc = _brute_force_uauc(logits[:, t].numpy(), y, users.numpy())
         for key, value in uauc.items():
             assert got[f"{task}/{key}"] == pytest.approx(value, abs=1e-12)
@@ -233,8 +243,8 @@ def test_ne_calibration_and_weighted_auc_and_logloss_equal_numpy_and_sklearn(wei
         assert got[f"{task}/calibration"] == pytest.approx(calibration, rel=1e-9)
         assert 0.3 < ne < 1.0 and 0.5 < calibration < 2  # a real signal, so the checks can fail
         assert got[f"{task}/auc"] == pytest.approx(
-            roc_auc_score(y, logits[:, t].numpy(), sample_weight=w), abs=1e-9 if weighted else 1e-6
-        )  # unweighted: torchmetrics' float32 curve
+            roc_auc_score(y, logits[:, t].numpy(), sample_weight=w), abs=1e-12
+        )
         assert got[f"{task}/logloss"] == pytest.approx(log_loss(y, p, sample_weight=w), rel=1e-9)
         assert got[f"{task}/ctr"] == pytest.approx((w * y).sum() / w.sum(), rel=1e-12)
 
@@ -246,8 +256,7 @@ def test_weighted_auc_counts_a_row_of_integer_weight_k_as_k_copies(tie_levels: i
     copies = torch.repeat_interleave(torch.arange(500), weights)
     expected = roc_auc_score(labels[copies].numpy(), scores[copies].numpy())
     assert weighted_auc(scores, labels, weights.float()) == pytest.approx(expected, abs=1e-12)
-    unit = binary_auc(scores, labels)  # torchmetrics' float32 curve
-    assert weighted_auc(scores, labels, torch.ones(500)) == pytest.approx(unit, abs=1e-6)
+    assert weighted_auc(scores, labels, torch.ones(500)) == binary_auc(scores, labels)
     assert math.isnan(weighted_auc(scores, torch.ones(500), torch.ones(500)))
 
 
@@ -281,48 +290,200 @@ def test_evaluator_rejects_wrong_task_count() -> None:
         ExactAUCEvaluator(TASKS).update(torch.zeros(4, 3), torch.zeros(4, 3), users)
 
 
-def _distributed_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
-    """One gloo rank: evaluate its own batches, then evaluate again with rank 1 holding no valid rows."""
+# ------------------------------------------------------------------------------ sharded vs gathered, 2 ranks
+
+# Each case: what it stresses. Rows are built per rank by `_case_batches` (deterministic in case and rank).
+SHARDED_CASES = {
+    "heavy_ties": "task 0 has 4 distinct logits, task 1 ~20; unit weights; users shared by both ranks",
+    "heavy_ties_weighted": "the same ties with sample weights 0 .. 3 in quarters (some rows weigh 0)",
+    "continuous_weighted": "distinct float32 logits, weights 0 .. 3",
+    "one_empty_rank": "rank 1's rows are all padding; ties and weights",
+    "both_ranks_empty": "no valid row anywhere: every metric NaN",
+    "all_equal_scores": "one logit for every row (AUC 0.5, spread 0): every row on one rank's range",
+    "collapsed_scores": "90% of rows share one logit, the rest continuous",
+    "one_class_task": "task 1 has no positive: its AUC, UAUC and NE are NaN",
+    "users_on_one_rank": "each user's rows all on one rank (disjoint ids per rank)",
+    "all_weights_zero": "every weight 0: every metric NaN, rows still counted",
+    "logit_correction": "a down-sampling logit correction: calibration_uncorrected too",
+}
+CORRECTION = torch.full((len(TASKS),), math.log(0.25))
+
+
+def _case_batches(case: str, rank: int) -> list[tuple[torch.Tensor | None, ...]]:
+    """Three uneven batches (logits, labels, users, mask, weights or None) of `case` on `rank` (2 ranks)."""
+    gen = torch.Generator().manual_seed(1000 * list(SHARDED_CASES).index(case) + rank)
+    n = 3000 if rank == 0 else 1100  # uneven rows per rank
+    logits = torch.randn(n, len(TASKS), generator=gen) * 2
+    if "ties" in case or case in ("one_empty_rank", "logit_correction"):
+        logits[:, 0] = torch.randint(-2, 2, (n,), generator=gen).float()
+        logits[:, 1] = (logits[:, 1] * 2).round() / 2
+    if case == "all_equal_scores":
+        logits[:] = 0.7
+    if case == "collapsed_scores":
+        logits[torch.rand(n, generator=gen) < 0.9] = -2.0
+    labels = (torch.rand(n, len(TASKS), generator=gen) < torch.sigmoid(logits - 1)).float()
+    if case == "one_class_task":
+        labels[:, 1] = 0.0
+    users = torch.randint(0, 200, (n,), generator=gen) * 7919 - 1000  # sparse, partly negative, shared
+    if case == "users_on_one_rank":
+        users = rank * 1_000_003 + torch.randint(0, 100, (n,), generator=gen)
+    weighted = "weighted" in case or case == "one_empty_rank"
+    weights = torch.randint(0, 13, (n,), generator=gen).float() / 4 if weighted else None
+    if case == "all_weights_zero":
+        weights = torch.zeros(n)
+    mask = torch.rand(n, generator=gen) > 0.1
+    if case == "both_ranks_empty" or (case == "one_empty_rank" and rank == 1):
+        mask[:] = False
+    labels[~mask], logits[~mask] = 1.0, 50.0  # padding rows hold garbage that must not leak in
+    parts = [torch.tensor_split(t, [n // 2, n // 2 + 7]) if t is not None else [None] * 3
+             for t in (logits, labels, users, mask, weights)]  # fmt: skip
+    return list(zip(*parts, strict=True))
+
+
+def _case_evaluator(case: str, batches: list) -> ExactAUCEvaluator:
+    evaluator = ExactAUCEvaluator(TASKS, CORRECTION if case == "logit_correction" else None)
+    for batch in batches:
+        evaluator.update(*batch)
+    return evaluator
+
+
+def _all_batches(case: str) -> list:
+    """Both ranks' batches: the single-process evaluation of the whole split."""
+    if case == "uneven":
+        return _rank_batches(0, True) + _rank_batches(1, True)
+    if case == "rank1_empty":
+        return _rank_batches(0, True)[:1]  # rank 1 held a padding-only batch
+    return _case_batches(case, 0) + _case_batches(case, 1)
+
+
+def _routing_stats(evaluator: ExactAUCEvaluator) -> dict[str, object]:
+    """Where the sharded path sends this rank's rows: task 1's score range and row count after the sample
+    sort, and the user ids and row count after the routing by user."""
+    from data.metrics.distributed import route_by_score, route_by_user
+
+    logits, labels, users, weights = evaluator._local_rows()
+    scores, _, _ = route_by_score(logits[:, 1].contiguous(), labels[:, 1].contiguous(), weights)
+    by_user, _ = route_by_user(users, [logits])
+    return {
+        "score_rows": scores.numel(),
+        "score_range": (float(scores.min()), float(scores.max())),
+        "user_rows": by_user.numel(),
+        "users": set(by_user.tolist()),
+    }
+
+
+def _sharded_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+    """One gloo rank: compute() and compute_gathered() of every case, and the routing of one case."""
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
+        results: dict[str, object] = {}
+        for case in SHARDED_CASES:
+            evaluator = _case_evaluator(case, _case_batches(case, rank))
+            results[case] = {"sharded": evaluator.compute(), "gathered": evaluator.compute_gathered()}
+        # the pre-existing cases: rank 1 with all its batches, then with only a padding batch
         batches = _rank_batches(rank, weighted=True)
-        evaluator = ExactAUCEvaluator(TASKS)
-        for batch in batches:
-            evaluator.update(*batch)
-        uneven = evaluator.compute()
-        evaluator.reset()
-        if rank == 0:
-            evaluator.update(*batches[0])
-        else:
-            evaluator.update(*batches[2])  # padding-only batch
-        rank1_empty = evaluator.compute()
-        torch.save({"uneven": uneven, "rank1_empty": rank1_empty}, Path(out_dir) / f"rank{rank}.pt")
+        results["uneven"] = {"sharded": _case_evaluator("uneven", batches).compute()}
+        rank1_empty = _case_evaluator("rank1_empty", batches[:1] if rank == 0 else batches[2:])
+        results["rank1_empty"] = {"sharded": rank1_empty.compute()}
+        results["routing"] = _routing_stats(_case_evaluator("", _case_batches("heavy_ties", rank)))
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _assert_same_metrics(got: dict[str, float], expected: dict[str, float]) -> None:
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Every case on 2 gloo ranks (one spawn for all of them): each rank's results."""
+    out = tmp_path_factory.mktemp("sharded")
+    mp.start_processes(
+        _sharded_worker, args=(2, str(out / "store"), str(out)), nprocs=2, start_method="spawn"
+    )
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+def _assert_same_metrics(got: dict[str, float], expected: dict[str, float], tol: float = 1e-12) -> None:
     assert got.keys() == expected.keys()
     for key, value in expected.items():
-        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12, nan_ok=True), key
+        assert got[key] == pytest.approx(value, rel=tol, abs=tol, nan_ok=True), key
 
 
-def test_distributed_compute_equals_single_process_over_all_valid_rows(tmp_path: Path) -> None:
-    world_size = 2
-    mp.start_processes(
-        _distributed_worker,
-        args=(world_size, str(tmp_path / "store"), str(tmp_path)),
-        nprocs=world_size,
-        start_method="spawn",
+@pytest.mark.parametrize("case", list(SHARDED_CASES))
+def test_sharded_compute_equals_gathered_and_single_process_on_every_rank(case: str, sharded_runs) -> None:
+    single = _case_evaluator(case, _all_batches(case))
+    expected = single.compute_gathered()
+    _assert_same_metrics(single.compute(), expected, tol=1e-9)  # no process group: the same code
+    for rank, run in enumerate(sharded_runs):
+        _assert_same_metrics(run[case]["gathered"], expected, tol=1e-9)
+        _assert_same_metrics(run[case]["sharded"], expected, tol=1e-9)
+        assert list(run[case]["sharded"]) == list(expected), rank  # same keys, same order
+
+
+def test_sharded_cases_reach_the_edge_they_are_named_after(sharded_runs) -> None:
+    """The cases are not vacuous: NaN where a case must give NaN, finite where it must not."""
+    got = {case: run["sharded"] for case, run in sharded_runs[0].items() if case != "routing"}
+    assert all(math.isnan(got["both_ranks_empty"][f"{t}/auc"]) for t in TASKS)
+    assert got["all_weights_zero"]["rows"] > 0 and math.isnan(got["all_weights_zero"]["click/logloss"])
+    assert math.isnan(got["one_class_task"]["like/auc"]) and math.isfinite(got["one_class_task"]["click/auc"])
+    assert got["all_equal_scores"]["click/auc"] == 0.5 and got["all_equal_scores"]["click/pred_std"] < 1e-12
+    assert "click/calibration_uncorrected" in got["logit_correction"]
+    assert got["one_empty_rank"]["rows"] == sum(int(b[3].sum()) for b in _case_batches("one_empty_rank", 0))
+    for case in ("heavy_ties", "continuous_weighted", "collapsed_scores", "users_on_one_rank"):
+        assert all(math.isfinite(got[case][f"{t}/{k}"]) for t in TASKS for k in ("auc", "uauc", "ne")), case
+
+
+def test_distributed_compute_equals_single_process_over_all_valid_rows(sharded_runs) -> None:
+    for case in ("uneven", "rank1_empty"):
+        expected = _case_evaluator(case, _all_batches(case)).compute()
+        assert expected["rows"] > 0 and math.isfinite(expected["like/uauc"])
+        for run in sharded_runs:
+            _assert_same_metrics(run[case]["sharded"], expected)
+
+
+def test_sample_sort_gives_each_rank_a_disjoint_score_range_and_about_half_the_rows(sharded_runs) -> None:
+    """Task 1 of `heavy_ties` (a few dozen distinct logits): the ranks' ranges do not overlap, so a tie
+    group is never split, and each rank holds a share near half (the splitter sits on a tie group's edge)."""
+    low, high = (run["routing"] for run in sharded_runs)
+    assert low["score_range"][1] < high["score_range"][0]
+    total = low["score_rows"] + high["score_rows"]
+    assert total == sum(int(b[3].sum()) for b in _all_batches("heavy_ties"))
+    assert 0.3 * total < low["score_rows"] < 0.7 * total
+
+
+def test_user_routing_gives_every_user_to_exactly_one_rank(sharded_runs) -> None:
+    first, second = (run["routing"] for run in sharded_runs)
+    assert not first["users"] & second["users"]
+    assert first["users"] | second["users"] == set(
+        torch.cat([b[2][b[3]] for b in _all_batches("heavy_ties")]).tolist()
     )
-    all_batches = _rank_batches(0, True) + _rank_batches(1, True)
-    expected_uneven = _evaluate(all_batches)
-    expected_rank1_empty = _evaluate(_rank_batches(0, True)[:1])
-    assert expected_uneven["rows"] > 0 and math.isfinite(expected_uneven["like/uauc"])
-    for rank in range(world_size):
-        results = torch.load(tmp_path / f"rank{rank}.pt")
-        _assert_same_metrics(results["uneven"], expected_uneven)
-        _assert_same_metrics(results["rank1_empty"], expected_rank1_empty)
+    total = first["user_rows"] + second["user_rows"]
+    assert 0.3 * total < first["user_rows"] < 0.7 * total
+
+
+def test_choose_splitters_weighs_each_ranks_samples_by_its_row_count() -> None:
+    from data.metrics.distributed import choose_splitters
+
+    samples = 100
+    small = torch.linspace(0, 1, samples, dtype=torch.float64)  # 1,000 rows in [0, 1]
+    large = torch.linspace(2, 3, samples, dtype=torch.float64)  # 9,000 rows in [2, 3]
+    empty = torch.zeros(samples, dtype=torch.float64)  # a rank without rows: its samples weigh nothing
+    gathered = torch.stack(
+        [torch.cat([small, small.new_tensor([1000])]), torch.cat([large, large.new_tensor([9000])]),
+         torch.cat([empty, empty.new_tensor([0])])]
+    )  # fmt: skip
+    splitters = choose_splitters(gathered, world=3)
+    # thirds of 10,000 rows: 1,000 below 2, then 2,333 and 5,667 of the 9,000 spread over [2, 3]
+    assert splitters.tolist() == pytest.approx([2 + 2333 / 9000, 2 + 5667 / 9000], abs=0.02)
+
+
+def test_user_owner_spreads_strided_and_negative_ids_evenly() -> None:
+    from data.metrics.distributed import user_owner
+
+    for ids in (torch.arange(80_000) * 7919 - 10**6, torch.arange(80_000) << 32, -torch.arange(80_000)):
+        owners = user_owner(ids, 8)
+        assert owners.min() >= 0 and owners.max() < 8
+        share = torch.bincount(owners, minlength=8) / ids.numel()
+        assert share.min() > 0.115 and share.max() < 0.135, share
+    assert torch.equal(user_owner(torch.tensor([5, 5, 5]), 3), user_owner(torch.tensor([5]), 3).expand(3))
 
 
 def _collective_devices_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:

@@ -1,11 +1,16 @@
 """Exact evaluation metrics for ranking models: AUC, user-grouped AUC (UAUC), logloss, normalized entropy,
 calibration, CTR.
 
-Everything here is exact over the whole eval set: rows are kept until ``compute()`` and, under
-``torch.distributed``, gathered to every rank, so no metric is an average of per-batch values.
+Everything here is exact over the whole eval set: rows are kept (on the device they arrive on) until
+``compute()``, so no metric is an average of per-batch values.
 
-* AUC / UAUC: data.metrics.auc, the single-process math (its conventions: ties, one-class sets, what it reuses
-  from torchmetrics and why). ``logloss`` and ``ctr`` use the raw 0/1 label values.
+* ``compute()``: sharded, per-rank memory O(rows / world size) (data.metrics.distributed): AUC by a sample
+  sort by score, UAUC with rows routed to the rank owning their user, every other metric from float64
+  sums all_reduced (the prediction spread in two passes: the mean, then the squared deviations).
+* ``compute_gathered()``: the reference, every rank's rows gathered to every rank and the metrics computed
+  on all of them (memory O(rows) per rank). Both return the same values to ~1e-15 (tests/test_metrics.py).
+* AUC / UAUC: data.metrics.auc, the single-process math (its conventions: ties, one-class sets).
+  ``logloss`` and ``ctr`` use the raw 0/1 label values.
 * Sample weights (the schema's weight column): AUC, logloss, CTR, the prediction mean and spread, NE and
   calibration are weighted; UAUC counts rows (each user's AUC, then the mean over users).
 * NE (normalized entropy, He et al. 2014): logloss / the entropy of the base rate, H(ctr) = -ctr log ctr -
@@ -23,7 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.metrics.auc import binary_auc, user_auc, weighted_auc
+from data.metrics.auc import binary_auc, per_user_auc, uauc_from_sums, user_auc, user_auc_sums, weighted_auc
+from data.metrics.distributed import all_reduce_sum, route_by_user, shard_device, sharded_auc
+from data.metrics.distributed import world_size as distributed_world_size
 
 _NAN = float("nan")
 
@@ -31,13 +38,6 @@ _NAN = float("nan")
 # --------------------------------------------------------------------------------------------------
 # Distributed gather
 # --------------------------------------------------------------------------------------------------
-
-
-def _distributed_world_size() -> int:
-    """World size of the default process group, or 1 when none is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 def _collective_device() -> torch.device:
@@ -100,8 +100,7 @@ def _task_metrics(
     w = weights.to(torch.float64)
     total = float(w.sum()) if logits.numel() else 0.0
     if total <= 0:
-        nan_keys = (*_TASK_KEYS, "uauc", "uauc_weighted")
-        return {**dict.fromkeys(nan_keys, _NAN), "uauc_users": 0.0}
+        return _undefined_task_metrics()
     logits64, labels64 = logits.to(torch.float64), labels.to(torch.float64)
     scores = torch.sigmoid(logits64)
     unit = bool((w == 1).all())
@@ -126,13 +125,92 @@ def _task_metrics(
 _TASK_KEYS = ("auc", "logloss", "ne", "calibration", "ctr", "pred_mean", "pred_std")
 
 
+def _undefined_task_metrics() -> dict[str, float]:
+    """A task's metrics over rows of total weight 0 (or none): every value NaN, no counted user."""
+    return {**dict.fromkeys((*_TASK_KEYS, "uauc", "uauc_weighted"), _NAN), "uauc_users": 0.0}
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded computation (compute): per-rank pieces, then float64 sums all_reduced
+# --------------------------------------------------------------------------------------------------
+
+# Columns of `_moment_sums`: sums over rows of w, w * logloss, w * label, w * sigmoid(logit) and
+# w * sigmoid(logit - logit correction)
+_TOTAL, _BCE, _LABEL, _PRED, _RAW = range(5)
+_N_MOMENTS = 5
+
+
+def _moment_sums(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, correction: torch.Tensor | None
+) -> torch.Tensor:
+    """(T, 5) float64 weighted sums of this rank's rows (n, T), columns as named above; the last is 0
+    without a logit correction. `_task_metrics`' formulas, summed instead of averaged, one float64 column
+    and one temporary at a time (products in place) to keep the peak a few bytes per row."""
+    w = weights.to(torch.float64)  # (n,)
+    per_task = []
+    for t in range(logits.shape[1]):  # a few tasks
+        z = logits[:, t].to(torch.float64, copy=True)
+        y = labels[:, t].to(torch.float64, copy=True)
+        bce = F.binary_cross_entropy_with_logits(z, y, reduction="none").mul_(w).sum()
+        raw = torch.sigmoid(z - correction[t]).mul_(w).sum() if correction is not None else w.new_zeros(())
+        per_task.append(torch.stack([w.sum(), bce, y.mul_(w).sum(), torch.sigmoid(z).mul_(w).sum(), raw]))
+        del z, y
+    return torch.stack(per_task)
+
+
+def _squared_deviation_sums(logits: torch.Tensor, weights: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """(T,) float64 sums of w * (sigmoid(logit) - mean)^2 over this rank's rows: the second pass of the
+    prediction spread, around the global weighted means (T,) (two passes, like `_task_metrics`)."""
+    w = weights.to(torch.float64)
+    sums = []
+    for t in range(logits.shape[1]):
+        p = torch.sigmoid(logits[:, t].to(torch.float64))
+        sums.append(p.sub_(means[t]).square_().mul_(w).sum())
+    return torch.stack(sums)
+
+
+def _uauc_sums(logits: torch.Tensor, labels: torch.Tensor, user_ids: torch.Tensor) -> torch.Tensor:
+    """(T, 4) float64 `user_auc_sums` of the users this rank owns: rows are routed once, all tasks
+    together, to the rank owning their user (data.metrics.distributed.route_by_user)."""
+    users, (logits, labels) = route_by_user(user_ids, [logits, labels])  # (m,), (m, T), (m, T)
+    per_task = [
+        user_auc_sums(*per_user_auc(logits[:, t], labels[:, t], users)) for t in range(logits.shape[1])
+    ]
+    return torch.stack(per_task)
+
+
+def _task_metrics_from_sums(
+    moments: list[float], squared_deviation: float, auc: float, uauc: dict[str, float], corrected: bool
+) -> dict[str, float]:
+    """A task's metrics, in `_task_metrics`' key order (then ``calibration_uncorrected`` when `corrected`
+    and the CTR is > 0), from its global sums: its `_moment_sums` row (total weight > 0), its
+    `_squared_deviation_sums` entry, `sharded_auc` and `uauc_from_sums`."""
+    total = moments[_TOTAL]
+    logloss, ctr, pred_mean = moments[_BCE] / total, moments[_LABEL] / total, moments[_PRED] / total
+    metrics = {
+        "auc": auc,
+        **uauc,
+        "logloss": logloss,
+        "ne": normalized_entropy(logloss, ctr),
+        "calibration": pred_mean / ctr if ctr > 0 else _NAN,
+        "ctr": ctr,
+        "pred_mean": pred_mean,
+        "pred_std": math.sqrt(squared_deviation / total),
+    }
+    if corrected and ctr > 0:
+        metrics["calibration_uncorrected"] = moments[_RAW] / total / ctr
+    return metrics
+
+
 class ExactAUCEvaluator:
     """Accumulates eval rows batch by batch and computes exact metrics over the whole eval set.
 
-    Rows are stored on CPU (float32 logits/labels, int64 user ids: ~20 bytes/row for 2 tasks, so 1M rows
-    is ~20 MB per rank). ``compute()`` gathers all ranks' rows to every rank when a process group with
-    world size > 1 is initialised, so it is a collective: call it on every rank. Rows carry their sample
-    weight (1 unless given); padding rows (mask False) are dropped in ``update``.
+    Rows stay on the device they arrive on (float32 logits/labels/weights, int64 user ids: 28 bytes/row
+    for 2 tasks, so 12.5M rows, a 100M-row split on 8 ranks, is ~350 MB per rank). ``compute()`` is a
+    collective when a process group with world size > 1 is initialised: call it on every rank. It runs
+    on the CUDA device when the group sends CUDA tensors through NCCL (a GPU job's ``cpu:gloo,cuda:nccl``
+    group) and on CPU under gloo, whatever device the rows came from. Rows carry their sample weight (1
+    unless given); padding rows (mask False) are dropped in ``update``.
 
     ``logit_correction``: (num_tasks,) what the model added to its logits for negative down-sampling (log
     of each task's negative keep rate, models/ranking.py), or None; when given,
@@ -162,7 +240,7 @@ class ExactAUCEvaluator:
         weights: torch.Tensor | None = None,
     ) -> None:
         """Add a batch: logits/labels (B, n_tasks), user_ids (B,), mask (B,) with False = padding row,
-        weights (B,) the rows' sample weights (None: 1)."""
+        weights (B,) the rows' sample weights (None: 1). Rows stay on their device."""
         n_tasks = len(self.task_names)
         batch = user_ids.shape[0]
         if logits.numel() != batch * n_tasks or labels.numel() != batch * n_tasks:
@@ -171,29 +249,34 @@ class ExactAUCEvaluator:
         # reshape also accepts (B,) inputs for a single task, and B == 0.
         logits = logits.detach().reshape(batch, n_tasks)
         labels = labels.detach().reshape(batch, n_tasks)
-        weights = torch.ones(batch) if weights is None else weights.detach().reshape(-1)
+        weights = torch.ones(batch, device=logits.device) if weights is None else weights.detach().reshape(-1)
         if mask is not None:
             keep = mask.detach().reshape(-1).to(torch.bool)
             logits, labels, user_ids, weights = logits[keep], labels[keep], user_ids[keep], weights[keep]
-        # CPU storage: eval sets do not fit next to the model in accelerator memory.
-        self._logits.append(logits.to("cpu", torch.float32))
-        self._labels.append(labels.to("cpu", torch.float32))
-        self._user_ids.append(user_ids.detach().reshape(-1).to("cpu", torch.int64))
-        self._weights.append(weights.to("cpu", torch.float32))
+        self._logits.append(logits.to(torch.float32))
+        self._labels.append(labels.to(torch.float32))
+        self._user_ids.append(user_ids.detach().reshape(-1).to(torch.int64))
+        self._weights.append(weights.to(torch.float32))
 
     def _local_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's rows, concatenated."""
+        """This rank's rows, one tensor per column (not copies: do not modify them)."""
         n_tasks = len(self.task_names)
         if not self._logits:
             empty = torch.empty(0, n_tasks)
             return empty, empty.clone(), torch.empty(0, dtype=torch.int64), torch.empty(0)
-        rows = self._logits, self._labels, self._user_ids, self._weights
-        return tuple(torch.cat(part) for part in rows)  # type: ignore[return-value]
+        # The batches are concatenated once and kept so: one column at a time, so the rows are never held
+        # twice over (only one column is, for a moment).
+        for name in ("_logits", "_labels", "_user_ids", "_weights"):
+            parts = getattr(self, name)
+            if len(parts) > 1:
+                setattr(self, name, [torch.cat(parts)])
+                del parts
+        return self._logits[0], self._labels[0], self._user_ids[0], self._weights[0]
 
     def _global_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """All ranks' rows in rank order (this rank's rows when not distributed)."""
         logits, labels, user_ids, weights = self._local_rows()
-        world_size = _distributed_world_size()
+        world_size = distributed_world_size()
         if world_size == 1:
             return logits, labels, user_ids, weights
         counts = _gather_row_counts(logits.shape[0], world_size)
@@ -206,8 +289,47 @@ class ExactAUCEvaluator:
         """Per-task ``<task>/{auc,uauc,uauc_weighted,uauc_users,logloss,ne,calibration,ctr,pred_mean,
         pred_std}`` (and ``calibration_uncorrected`` with a logit correction), ``rows``.
 
-        Exact over all valid rows of all ranks; every rank returns the same values.
+        Exact over all valid rows of all ranks, with per-rank memory O(rows / world size): no rank holds
+        every row (data.metrics.distributed; its docstring says when one rank does hold most rows: a
+        score value or a user holding most of them). Every rank returns the same values, equal to
+        ``compute_gathered()``'s to ~1e-15. One rank or no process group: no collectives, same code.
         """
+        local = self._local_rows()
+        device = shard_device(local[0].device)
+        logits, labels, user_ids, weights = (t.to(device) for t in local)
+        del local
+        correction = None if self.logit_correction is None else self.logit_correction.to(device)
+        n_tasks = len(self.task_names)
+        # pass 1: one all_reduce of the weighted sums of every task and the row count
+        local_sums = _moment_sums(logits, labels, weights, correction).reshape(-1)
+        count = local_sums.new_tensor([logits.shape[0]])
+        sums = all_reduce_sum(torch.cat([local_sums, count]))
+        moments = sums[:-1].reshape(n_tasks, _N_MOMENTS)
+        results: dict[str, float] = {"rows": float(sums[-1])}
+        if float(moments[0, _TOTAL]) <= 0:  # the same weights for every task; the same answer on every rank
+            for name in self.task_names:
+                results.update({f"{name}/{k}": v for k, v in _undefined_task_metrics().items()})
+            return results
+        # pass 2: squared deviations around the global means; then AUC and UAUC, each a sharded computation
+        means = moments[:, _PRED] / moments[:, _TOTAL]
+        squared_deviation = all_reduce_sum(_squared_deviation_sums(logits, weights, means)).tolist()
+        aucs = [sharded_auc(logits[:, t], labels[:, t], weights) for t in range(n_tasks)]
+        uaucs = all_reduce_sum(_uauc_sums(logits, labels, user_ids))  # (T, 4)
+        for t, name in enumerate(self.task_names):
+            task = _task_metrics_from_sums(
+                moments[t].tolist(),
+                squared_deviation[t],
+                aucs[t],
+                uauc_from_sums(uaucs[t]),
+                correction is not None,
+            )
+            results.update({f"{name}/{k}": v for k, v in task.items()})
+        return results
+
+    def compute_gathered(self) -> dict[str, float]:
+        """``compute()``'s metrics the reference way: every rank's rows gathered to every rank (memory
+        O(rows) per rank, the same computation on each), then computed on them in one process. Kept for
+        the tests and the benchmark (launch/benchmarks/eval.py) to compare against; a collective too."""
         logits, labels, user_ids, weights = self._global_rows()
         results: dict[str, float] = {"rows": float(logits.shape[0])}
         for task, name in enumerate(self.task_names):
