@@ -45,4 +45,11 @@ for v in before after; do
   test -s "$OUT/train_$v/metrics.json" || (cd "$dir" && $TORCHRUN --nproc_per_node 2 launch/train.py \
       trainer.run_dir="$OUT/train_$v" trainer.progress_bar=false > "$OUT/train_$v.log" 2>&1)
 done
+# 5. A real run's evaluation by both codes: the before run's checkpoint on the test split, 2 ranks, gathered
+#    (before) vs sharded (after) metrics, compared key by key.
+for v in before after; do
+  dir=$PWD; [ $v = before ] && dir=$B
+  test -s "$OUT/eval_$v/metrics.json" || (cd "$dir" && $TORCHRUN --nproc_per_node 2 launch/eval.py \
+      checkpoint="$OUT/train_before" output="$OUT/eval_$v" > "$OUT/eval_$v.log" 2>&1)
+done
 $PY reports/throughput/table.py "$OUT"

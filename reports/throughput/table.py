@@ -70,8 +70,24 @@ def train(out: Path) -> None:
               f"{t['finish/uauc']:.6f} | {t['skip/uauc']:.6f} |")  # fmt: skip
 
 
+def real_run(out: Path) -> None:
+    """The largest difference between the two codes' metrics of one checkpoint (every numeric key)."""
+    paths = [out / f"eval_{v}" / "metrics.json" for v in ("before", "after")]
+    if not all(p.exists() for p in paths):
+        return
+    before, after = (json.loads(p.read_text()) for p in paths)
+    diffs = {
+        f"{mode}/{k}": abs(after[mode][k] - v)
+        for mode in ("test",)
+        for k, v in before[mode].items()
+        if isinstance(v, float) and v == v
+    }
+    worst = max(diffs, key=diffs.get)
+    print(f"{len(diffs)} metrics compared; largest difference {diffs[worst]:.3g} ({worst})")
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/throughput")
-    for section in (loader, step, train, evaluation):
+    for section in (loader, step, train, evaluation, real_run):
         print(f"\n## {section.__name__}\n")
         section(out)
