@@ -13,9 +13,12 @@ every row group is decoded once:
   decodes all its own row groups that windows <= w need, and after its last window the rest of its own:
   so a worker never waits for a row group whose owner is itself waiting, and the order of the items is
   what the DataLoader expects.
-- Transfer. A window's batches travel as three shared-memory tensors (int64: user ids, KJT values and
-  lengths; float32: dense, labels, weights; bool: masks) plus their layout, so sending one costs three file
-  descriptors, whatever the batch size; the KJTs are built with their per-key lengths (no host sync).
+- Transfer. A window's batches are built straight into three shared-memory tensors (int64: user ids, KJT
+  values and lengths; float32: dense, labels, weights; bool: masks), so sending one costs three file
+  descriptors, whatever the batch size; the KJTs get their per-key lengths (no host sync). The buffers are
+  a worker's few reused slots (SlotPool): the training process copies a window out on arrival (the
+  DataLoader's pinned copy on a GPU job) and frees its slot, since fresh shared memory costs a page fault
+  per page, more than the copy.
 - Cleanup. The training process deletes a row group's file once every window that needs it has arrived,
   and the directory when the iteration ends or is abandoned; a new reader removes the directories of
   processes that died without doing so.
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
 
 _PREFIX = "rankmixer-loader-"
 _ALIGN = 64
+SLOTS = 3  # shared-memory buffer sets per worker (SlotPool)
 
 
 def shared_root() -> str:
@@ -167,6 +171,7 @@ class WindowItem:
     """A window's batches in three flat tensors (see `pack`)."""
 
     window: int
+    slot: int  # its SlotPool slot: the tensors are views of that slot's buffers until copied out
     ints: torch.Tensor  # per batch: user_id, sparse values, sparse lengths[, sequence values, lengths]
     floats: torch.Tensor  # per batch: dense, labels, weight
     flags: torch.Tensor  # per batch: mask
@@ -176,7 +181,10 @@ class WindowItem:
     sequence_keys: list[str] | None
     layout: list[_BatchLayout]
 
-    def pin_memory(self) -> WindowItem:  # called by the DataLoader's pin-memory thread: a copy
+    def copy(self) -> WindowItem:
+        return replace(self, ints=self.ints.clone(), floats=self.floats.clone(), flags=self.flags.clone())
+
+    def pin_memory(self) -> WindowItem:  # called by the DataLoader's pin-memory thread: a pinned copy
         return replace(self, ints=self.ints.pin_memory(), floats=self.floats.pin_memory(),
                        flags=self.flags.pin_memory())  # fmt: skip
 
@@ -184,6 +192,34 @@ class WindowItem:
 @dataclass
 class _Failure:
     message: str
+
+
+class SlotPool:
+    """A worker's reusable shared-memory buffers: `count` slots of three flat tensors (int64, float32, bool),
+    grown when a window needs more. Fresh shared memory costs a page fault per 4 KiB page at its first
+    write, several times the copy into it (reports/throughput.md), so the buffers are reused: the training
+    process copies a window out when it arrives (the pinned copy on a GPU job) and clears its slot's flag in
+    `busy`, one shared int32 tensor for all workers, inherited at fork."""
+
+    def __init__(self, busy: torch.Tensor, first: int, count: int) -> None:
+        self.busy, self.slots = busy, range(first, first + count)
+        self.buffers: dict[int, list[torch.Tensor]] = {}
+
+    def acquire(self, sizes: list[int]) -> tuple[int, list[torch.Tensor]]:
+        """A free slot, waiting for the training process to free one, with buffers of exactly `sizes`."""
+        delay = 1e-4
+        while not (free := [s for s in self.slots if int(self.busy[s]) == 0]):
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+        slot = free[0]
+        have = self.buffers.get(slot)
+        if have is None or any(len(t) < n for t, n in zip(have, sizes)):
+            self.buffers[slot] = [_shared_empty(n + n // 4, d) for n, d in zip(sizes, _DTYPES)]
+        self.busy[slot] = 1
+        return slot, [t[:n] for t, n in zip(self.buffers[slot], sizes)]
+
+
+_DTYPES = (torch.int64, torch.float32, torch.bool)
 
 
 def _shared_empty(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -207,6 +243,7 @@ class _Carver:
 
 
 def pack(
+    pool: SlotPool,
     window: int,
     parts: list[tuple[Chunk, np.ndarray, np.ndarray]],
     keys: Sequence[str],
@@ -217,14 +254,14 @@ def pack(
     batch's arrays carved out of them in `Chunk.batch_arrays`' allocation order."""
     block_lengths: dict[int, np.ndarray] = {}
     sizes = np.array([chunk.batch_sizes(keys, split, idx, block_lengths) for chunk, idx, _ in parts])
-    dtypes = (torch.int64, torch.float32, torch.bool)
-    tensors = [_shared_empty(int(n), d) for n, d in zip(sizes.sum(0), dtypes)]
+    slot, tensors = pool.acquire([int(n) for n in sizes.sum(0)])
     carve = _Carver({np.dtype(np.int64): tensors[0].numpy(), np.dtype(np.float32): tensors[1].numpy(),
                      np.dtype(np.bool_): tensors[2].numpy()})  # fmt: skip
     batches = [chunk.batch_arrays(keys, mask, split, idx, carve) for chunk, idx, mask in parts]
     first = batches[0]
     return WindowItem(
         window=window,
+        slot=slot,
         ints=tensors[0],
         floats=tensors[1],
         flags=tensors[2],
@@ -282,16 +319,19 @@ def unpack(item: WindowItem) -> Iterator[RecBatch]:
 class _WindowStream(IterableDataset):
     """What each DataLoader worker iterates: its windows of one epoch, from batch `start_batch` on."""
 
-    def __init__(self, reader: ParquetReader, epoch: int, start_batch: int, store: str) -> None:
+    def __init__(
+        self, reader: ParquetReader, epoch: int, start_batch: int, store: str, busy: torch.Tensor
+    ) -> None:
         self.reader, self.epoch, self.start_batch, self.store = reader, epoch, start_batch, store
+        self.busy = busy  # SlotPool flags, SLOTS per worker
 
     def __iter__(self) -> Iterator[WindowItem | _Failure]:
         info = get_worker_info()
         assert info is not None, "iterated by DataLoader workers only"
-        store = RowGroupStore(self.store)
+        store, pool = RowGroupStore(self.store), SlotPool(self.busy, info.id * SLOTS, SLOTS)
         try:
             yield from _worker_windows(
-                self.reader, self.epoch, self.start_batch, store, info.id, info.num_workers
+                self.reader, self.epoch, self.start_batch, store, pool, info.id, info.num_workers
             )
         except DataError as e:  # raised by the training process, as the reader's one line
             yield _Failure(str(e))
@@ -305,6 +345,7 @@ def _worker_windows(
     epoch: int,
     start_batch: int,
     store: RowGroupStore,
+    pool: SlotPool,
     worker: int,
     workers: int,
 ) -> Iterator[WindowItem]:
@@ -346,11 +387,11 @@ def _worker_windows(
         parts = [(window, idx, mask) for idx, mask in reader._window_plan(window.n, epoch, w, start_batch)]
         if w == windows[-1]:
             parts += reader._pad_plan(max(start_batch, reader._batches_in_windows()))
-        yield pack(w, parts, keys, reader.split_keys)
+        yield pack(pool, w, parts, keys, reader.split_keys)
     if not windows and worker == 0:  # pad policy: this rank has no rows left, only padding batches
         pad = list(reader._pad_plan(max(start_batch, reader._batches_in_windows())))
         if pad:
-            yield pack(windows.start, pad, keys, reader.split_keys)
+            yield pack(pool, windows.start, pad, keys, reader.split_keys)
     decode_own(len(plan))  # the windows of other workers may still need them
 
 
@@ -367,15 +408,16 @@ def worker_batches(reader: ParquetReader, epoch: int, start_batch: int) -> Itera
     store = RowGroupStore.create()
     W = reader.window
     plan_ends = [hi for _, _, hi in reader._stream_plan(epoch, reader._window_sizes(start_batch).start * W)]
+    busy = torch.zeros(reader.workers * SLOTS, dtype=torch.int32).share_memory_()
     loader = DataLoader(
-        _WindowStream(reader, epoch, start_batch, store.path),
+        _WindowStream(reader, epoch, start_batch, store.path, busy),
         batch_size=None,
         num_workers=reader.workers,
         pin_memory=reader.pin_memory,
         worker_init_fn=_init_worker,
         # fork: the workers inherit the reader (no pickling) and start in milliseconds
         multiprocessing_context="fork",
-        prefetch_factor=2,  # windows in flight per worker
+        prefetch_factor=SLOTS - 1,  # windows in flight per worker; one more slot is being filled
     )
     items = iter(loader)
     released = 0
@@ -383,6 +425,9 @@ def worker_batches(reader: ParquetReader, epoch: int, start_batch: int) -> Itera
         for item in items:
             if isinstance(item, _Failure):
                 raise DataError(item.message)
+            if not reader.pin_memory:  # pinning copied it already
+                item = item.copy()
+            busy[item.slot] = 0  # the worker may refill it
             yield from unpack(item)
             done = (item.window + 1) * W  # stream rows no later window holds
             while released < len(plan_ends) and plan_ends[released] <= done:
