@@ -8,8 +8,8 @@ every row group is decoded once:
   resume point's window w0, goes to worker (w - w0) mod N, which shuffles it and builds its batches. The
   DataLoader asks the workers round-robin, so the training process receives the windows in order.
 - Row groups. Row group q of the epoch's plan is decoded by worker q mod N and, with N > 1, published as
-  one file in a shared-memory directory (/dev/shm); a worker whose window needs another's row group maps
-  that file (no decode, no copy until the window is cut out of it). Before assembling window w, a worker
+  one file in a shared-memory directory (/dev/shm); a worker whose window needs another's row group reads
+  the rows it needs from that file (no decode). Before assembling window w, a worker
   decodes all its own row groups that windows <= w need, and after its last window the rest of its own:
   so a worker never waits for a row group whose owner is itself waiting, and the order of the items is
   what the DataLoader expects.
@@ -109,8 +109,10 @@ class RowGroupStore:
             f.write(message)
         os.rename(tmp, self._file(q, "err"))
 
-    def get(self, q: int) -> Chunk:
-        """Row group q, waiting until its owner has published it; its arrays map the file (read-only)."""
+    def get(self, q: int, a: int, b: int) -> Chunk:
+        """Rows [a, b) of row group q, waiting until its owner has published it. Read with pread, not
+        mapped: only the rows asked for are read, into the allocator's (reused) memory, where a mapping
+        page-faults in every page it touches (several times the copy, reports/throughput.md)."""
         path, error = self._file(q), self._file(q, "err")
         delay = 1e-4
         while not os.path.exists(path):
@@ -120,22 +122,34 @@ class RowGroupStore:
             if not os.path.isdir(self.path):  # the iteration ended: the owner will never publish it
                 raise StoreClosed(self.path)
             time.sleep(delay)
-            delay = min(delay * 2, 0.01)
-        buf = np.memmap(path, dtype=np.uint8, mode="r")
-        (length,) = struct.unpack("<Q", buf[:8].tobytes())
-        blocks, specs = pickle.loads(buf[8 : 8 + length].tobytes())
-        start = -(-(8 + length) // _ALIGN) * _ALIGN
-        arrays = []
-        for dtype, shape, at in specs:
-            dt = np.dtype(dtype)
-            n = int(np.prod(shape)) * dt.itemsize
-            arrays.append(buf[start + at : start + at + n].view(dt).reshape(shape))
-        dense, labels, user_id, weight, *rest = arrays
-        out = []
-        for keys, jagged, k in blocks:
-            offsets = rest.pop(0) if jagged else None
-            out.append(Block(keys, offsets, [rest.pop(0) for _ in range(k)]))
-        return Chunk(dense, labels, user_id, weight, out)
+            delay = min(delay * 2, 1e-3)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            blocks, specs = pickle.loads(os.pread(fd, length, 8))
+            start = -(-(8 + length) // _ALIGN) * _ALIGN
+            specs = iter(specs)
+
+            def read(lo: int, hi: int) -> np.ndarray:
+                """Elements [lo, hi) of the next array along its first axis."""
+                dtype, shape, at = next(specs)
+                row = np.dtype(dtype).itemsize * int(np.prod(shape[1:]))
+                out = np.empty((hi - lo, *shape[1:]), dtype=dtype)
+                os.preadv(fd, [memoryview(out).cast("B")], start + at + lo * row)
+                return out
+
+            dense, labels, user_id, weight = (read(a, b) for _ in range(4))
+            out = []
+            for keys, jagged, k in blocks:
+                if not jagged:
+                    out.append(Block(keys, None, [read(a, b) for _ in range(k)]))
+                    continue
+                offsets = read(a, b + 1)
+                lo, hi = int(offsets[0]), int(offsets[-1])
+                out.append(Block(keys, offsets - lo, [read(lo, hi) for _ in range(k)]))
+            return Chunk(dense, labels, user_id, weight, out)
+        finally:
+            os.close(fd)
 
     def drop(self, q: int) -> None:
         for suffix in ("rg", "err"):
@@ -180,13 +194,16 @@ class WindowItem:
     sparse_keys: list[str]
     sequence_keys: list[str] | None
     layout: list[_BatchLayout]
+    # the item as received, its tensors mapping the slot, when this one is a (pinned) copy of it
+    shared: WindowItem | None = None
 
     def copy(self) -> WindowItem:
-        return replace(self, ints=self.ints.clone(), floats=self.floats.clone(), flags=self.flags.clone())
+        return replace(self, ints=self.ints.clone(), floats=self.floats.clone(), flags=self.flags.clone(),
+                       shared=self)  # fmt: skip
 
     def pin_memory(self) -> WindowItem:  # called by the DataLoader's pin-memory thread: a pinned copy
         return replace(self, ints=self.ints.pin_memory(), floats=self.floats.pin_memory(),
-                       flags=self.flags.pin_memory())  # fmt: skip
+                       flags=self.flags.pin_memory(), shared=self)  # fmt: skip
 
 
 @dataclass
@@ -210,7 +227,7 @@ class SlotPool:
         delay = 1e-4
         while not (free := [s for s in self.slots if int(self.busy[s]) == 0]):
             time.sleep(delay)
-            delay = min(delay * 2, 0.01)
+            delay = min(delay * 2, 1e-3)
         slot = free[0]
         have = self.buffers.get(slot)
         if have is None or any(len(t) < n for t, n in zip(have, sizes)):
@@ -371,16 +388,22 @@ def _worker_windows(
                 store.put(q, chunk)
             own[q] = chunk
 
+    def last_row_group(w: int) -> int:
+        """The last row group window w needs."""
+        return bisect.bisect_left(ends, w * W + reader._window_size(w))
+
     mine = [w for i, w in enumerate(windows) if i % workers == worker]
     for w in mine:
         lo, hi = w * W, w * W + reader._window_size(w)
-        first, last = bisect.bisect_right(ends, lo), bisect.bisect_left(ends, hi)  # row groups [first, last]
-        decode_own(last)
+        first, last = bisect.bisect_right(ends, lo), last_row_group(w)  # row groups [first, last]
+        # Also the own row groups of the windows the other workers build meanwhile (up to w + workers - 1):
+        # decoded only when this worker's own windows reach them, they would make the others wait.
+        decode_own(last_row_group(min(w + workers - 1, windows[-1])))
         pieces = []
         for q in range(first, last + 1):
-            chunk = own[q] if q in own else store.get(q)
             start = plan[q][1]
-            pieces.append(chunk.slice(max(lo - start, 0), min(hi, plan[q][2]) - start))
+            rows = max(lo - start, 0), min(hi, plan[q][2]) - start
+            pieces.append(own[q].slice(*rows) if q in own else store.get(q, *rows))
         for q in [q for q in own if ends[q] <= hi]:  # later windows start at hi or after
             del own[q]
         window = Chunk.concat(pieces)
@@ -421,12 +444,18 @@ def worker_batches(reader: ParquetReader, epoch: int, start_batch: int) -> Itera
     )
     items = iter(loader)
     released = 0
+    # Each slot's received tensors, kept alive: torch maps a received shared storage once and hands out the
+    # same mapping while it lives (its shared_cache), so a reused slot costs no new mapping and no page
+    # faults here.
+    mapped: dict[int, WindowItem] = {}
     try:
         for item in items:
             if isinstance(item, _Failure):
                 raise DataError(item.message)
             if not reader.pin_memory:  # pinning copied it already
                 item = item.copy()
+            mapped[item.slot] = item.shared  # type: ignore[assignment]
+            item = replace(item, shared=None)
             busy[item.slot] = 0  # the worker may refill it
             yield from unpack(item)
             done = (item.window + 1) * W  # stream rows no later window holds

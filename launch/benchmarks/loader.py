@@ -74,8 +74,9 @@ def _measure(
     from data.reader import ParquetReader
 
     files = split_files(root, split)
+    shuffle_buffer = getattr(args, "shuffle_buffer", 16384)
     reader = ParquetReader(files, schema, batch_size=args.batch_size, shuffle=getattr(args, "shuffle", True),
-                           prefetch=4, workers=workers)  # fmt: skip
+                           shuffle_buffer=shuffle_buffer, prefetch=4, workers=workers)  # fmt: skip
     for n, _ in enumerate(reader):  # warm-up: the page cache, the allocator
         if n >= 20:
             break
@@ -95,6 +96,7 @@ def _measure(
         "batch_size": args.batch_size,
         "threads": threads,
         "workers": workers,
+        "shuffle_buffer": shuffle_buffer,
         "batches": n,
         "rows": rows,
         "seconds": round(dt, 3),
@@ -161,6 +163,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=_counts, default=[0], help="decoding processes, e.g. 0,1,2")
     ap.add_argument("--no-shuffle", dest="shuffle", action="store_false")
+    ap.add_argument(
+        "--shuffle-buffer", type=int, default=16384, help="rows per shuffle window (data.shuffle_buffer)"
+    )
     ap.add_argument("--against-s3", action="store_true", help="also from a local S3 server; the ratio")
     ap.add_argument(
         "--in-training",
