@@ -2,8 +2,9 @@
 semantic-group vectors the dense arch takes (paper s3.2, DESIGN s2).
 
 - Each group is the concatenation of its features' embeddings, plus (if the group has dense features) a
-  linear projection of its dense features. Features are picked by name (`KeyedTensor.regroup`), never by
-  position: a sharded collection's key order depends on the sharding plan.
+  linear projection of its dense features. Features are picked by name, never by position: a sharded
+  collection's key order depends on the sharding plan. The pick is one column gather (`regroup`), whose
+  column order is computed once per key order.
 - Dense float features go through a signed log (sign(x) * log1p(|x|)) before their projection, because
   recsys counts and durations are heavy-tailed and a plain linear layer on them trains badly.
 - A group left without any input (e.g. the sequence group with sequence=none) is dropped.
@@ -11,8 +12,11 @@ semantic-group vectors the dense arch takes (paper s3.2, DESIGN s2).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
+from torch.autograd.function import FunctionCtx
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from data.schema import Schema
@@ -20,6 +24,57 @@ from data.schema import Schema
 
 def signed_log(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.log1p(torch.abs(x))
+
+
+class _PermuteColumns(torch.autograd.Function):
+    """x[:, index] for a permutation `index`, whose gradient is grad[:, inverse]: a gather both ways.
+    (index_select's own backward is a scatter-add into zeros, column by column on CPU.)"""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad.index_select(1, inverse), None, None
+
+
+@functools.cache
+def _regroup_index(
+    keys: tuple[str, ...], dims: tuple[int, ...], groups: tuple[tuple[str, ...], ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """(the columns of `groups`' keys, in group order; the inverse permutation, None unless every column is
+    taken exactly once; each group's width), made once per key order: a tensor built from a Python list
+    every forward is a blocking host-to-device copy on a GPU."""
+    starts = dict(zip(keys, (sum(dims[:i]) for i in range(len(dims)))))
+    width = dict(zip(keys, dims))
+    columns = [c for g in groups for k in g for c in range(starts[k], starts[k] + width[k])]
+    index = torch.tensor(columns, device=device)
+    is_permutation = sorted(columns) == list(range(sum(dims)))
+    inverse = torch.argsort(index) if is_permutation else None
+    return index, inverse, [sum(width[k] for k in g) for g in groups]
+
+
+@torch.fx.wrap  # one node for TorchRec's pipeline tracer: the key bookkeeping is not traceable
+def regroup(embeddings: list[KeyedTensor], groups: tuple[tuple[str, ...], ...]) -> list[torch.Tensor]:
+    """[(B, w_g)] of each group's keys' columns side by side, as `KeyedTensor.regroup`, by one gather (an
+    exact permutation: the same values in both directions)."""
+    keys = tuple(k for kt in embeddings for k in kt.keys())
+    dims = tuple(d for kt in embeddings for d in kt.length_per_key())
+    if len(embeddings) == 1:
+        values = embeddings[0].values()  # (B, sum of dims)
+    else:
+        values = torch.cat([kt.values() for kt in embeddings], dim=1)
+    index, inverse, widths = _regroup_index(keys, dims, groups, values.device)
+    if inverse is None:
+        picked = values.index_select(1, index)
+    else:
+        picked = _PermuteColumns.apply(values, index, inverse)  # (B, sum of widths)
+    return list(picked.split(widths, dim=1))
 
 
 class FeatureGroups(nn.Module):
@@ -44,7 +99,7 @@ class FeatureGroups(nn.Module):
         dims = {n: t["embedding_dim"] for t in schema.tables().values() for n in t["feature_names"]}
         # Embedding features of each group, by name: a sharded EmbeddingBagCollection emits its keys in an
         # order that depends on the sharding plan, so a model trained on 2 ranks and evaluated on 1 must
-        # select its columns by key, never by position. KeyedTensor.regroup does that in one fused op.
+        # select its columns by key, never by position (`regroup`).
         self.emb_features: dict[str, list[str]] = {
             g: [name for name in pooled_keys if schema.group_of(name) == g] for g in schema.groups
         }
@@ -69,14 +124,14 @@ class FeatureGroups(nn.Module):
         )
         for g in self.dense_proj:
             self.register_buffer(f"dense_idx_{g}", torch.tensor(self.dense_index[g]), persistent=False)
-        self._emb_groups = [self.emb_features[g] for g in self.groups if self.emb_features[g]]
+        self._emb_groups = tuple(tuple(self.emb_features[g]) for g in self.groups if self.emb_features[g])
 
     def parts(
         self, embeddings: list[KeyedTensor], dense: torch.Tensor, loose: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
         """{group: (B, w_g)} from the embeddings, the loose features and the dense features (no extras)."""
         # indexed, not iterated: under the pipeline's fx tracing the regrouped list is one proxy
-        regrouped = KeyedTensor.regroup(embeddings, self._emb_groups)  # per group (B, w_g)
+        regrouped = regroup(embeddings, self._emb_groups)  # per group (B, w_g)
         dense = signed_log(dense)  # (B, Nd)
         out, i = {}, 0
         for g in self.groups:

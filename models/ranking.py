@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from data.batch import RecBatch
@@ -157,17 +158,21 @@ class RankingModel(nn.Module):
         pooled, unpooled = self.sparse_arch(sparse, sequence)
         sq = None
         if with_sq:
-            batch = dense.shape[0]
-            sq = pooled.values().square().sum() / batch
-            # Over the static key list, never over `unpooled` itself: TrainPipelineSparseDist fx-traces
-            # this forward, and a traced value cannot decide control flow (`unpooled or {}` raised).
-            for name in self.sparse_arch.unpooled_keys:
-                sq = sq + unpooled[name].values().square().sum() / batch
-        parts = self._group_parts(pooled, unpooled, dense)
-        if self.sequence_arch is None:
-            logits = self.logits_from_parts(parts)  # (B, num_tasks)
-        else:
-            logits = self.logits_from_parts(parts, *self._sequence_items(unpooled))
+            with record_function("## loss ##"):
+                batch = dense.shape[0]
+                sq = pooled.values().square().sum() / batch
+                # Over the static key list, never over `unpooled` itself: TrainPipelineSparseDist
+                # fx-traces this forward, and a traced value cannot decide control flow
+                # (`unpooled or {}` raised).
+                for name in self.sparse_arch.unpooled_keys:
+                    sq = sq + unpooled[name].values().square().sum() / batch
+        with record_function("## feature_groups ##"):
+            parts = self._group_parts(pooled, unpooled, dense)
+        with record_function("## dense_arch ##"):
+            if self.sequence_arch is None:
+                logits = self.logits_from_parts(parts)  # (B, num_tasks)
+            else:
+                logits = self.logits_from_parts(parts, *self._sequence_items(unpooled))
         return self._with_wide(logits, sparse, sequence), sq
 
     def _with_wide(
@@ -333,6 +338,12 @@ class RankingTrainWrapper(nn.Module):
         else:
             with torch.autocast(self.device_type, dtype=self.autocast_dtype):
                 logits, emb_sq = self.model.forward_with_embedding_sq(*inputs)
+        with record_function("## loss ##"):
+            return self._loss(logits, emb_sq, batch)
+
+    def _loss(
+        self, logits: torch.Tensor, emb_sq: torch.Tensor | None, batch: RecBatch
+    ) -> tuple[torch.Tensor, RankingOutput]:
         logits = logits.float()  # (B, num_tasks)
         weight = batch.weight.to(logits.dtype).unsqueeze(1)  # (B, 1): padding rows weigh 0
         bce = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")

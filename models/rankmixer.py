@@ -3,12 +3,13 @@
 Design choices:
 1. Token-major layout. Inside the arch activations are (T, B, D), not (B, T, D): the per-token
    tokenizer projection and per-token FFN are then batched matmuls over a contiguous leading T axis
-   (`torch.baddbmm`, bias fused), LayerNorm works on the last axis in place, and the only copy in a
-   block is the head regroup of token mixing, which has to move data anyway. The public forward takes
-   the pipeline's list of (B, d_g) group embeddings and returns (B, num_tasks) logits.
+   (`torch.baddbmm`, bias fused), LayerNorm works on the last axis in place, and the head regroup of
+   token mixing, which has to move data anyway, is written by the residual add itself (`TokenMixing`):
+   a block makes no copy of its own. The public forward takes the pipeline's list of (B, d_g) group
+   embeddings and returns (B, num_tasks) logits.
 2. One batched matmul per linear for all T tokens: weights are stored stacked, (T, D, kD) and
    (T, kD, D), never as T modules in a loop.
-3. Token mixing is parameter free with H = T (eq. 3-5): a reshape + permute.
+3. Token mixing is parameter free with H = T (eq. 3-5): a view + permute, summed with the residual.
 4. The FFN is a swappable module with the contract (T, B, D) -> (T, B, D); the Sparse-MoE FFN
    (models/moe.py, ffn="smoe") plugs in through `build_ffn`. For it, `flops_per_sample()` is the
    dense-activated count (every expert) and `flops_per_sample(active_ratio)` the expected activated count.
@@ -170,11 +171,18 @@ class TokenMixing(nn.Module):
         super().__init__()
         self.num_heads = num_tokens  # H = T keeps the token count for the residual
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
+        """TM(x), or with `residual` TM(x) + x in one pass: the regroup is then the add's output instead of a
+        copy of its own, and in the backward both gradients reach the same (T, B, H, D/H) view of x, so
+        their sum is the un-permute (no copy back through a non-contiguous reshape either)."""
         T, B, D = x.shape
         H = self.num_heads
         heads = x.view(T, B, H, D // H)  # (T, B, H, D/H): SplitHead, eq. 3
         mixed = heads.permute(2, 1, 0, 3)  # (H, B, T, D/H): regroup by head, eq. 4
+        if residual:
+            # H = T: `heads` is also x as (H, B, T, D/H); the contiguous operand first gives the output
+            # its layout, so the view back to (H, B, D) is free
+            return (heads + mixed).view(H, B, D)  # (H, B, D) = (T, B, D)
         return mixed.reshape(H, B, T * (D // H))  # (H, B, T*D/H): s^h = [x_1^h || ... || x_T^h]
 
 
@@ -250,7 +258,9 @@ class RankMixerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x  # (T, B, D)
-        if self.token_mixing is not None:
+        if isinstance(self.token_mixing, TokenMixing) and self.residual:
+            s = self.norm1(self.token_mixing(x, residual=True))  # (T, B, D): TM(x) + x in one pass
+        elif self.token_mixing is not None:
             mixed = self.token_mixing(x)  # (T, B, D)
             s = self.norm1(mixed + x if self.residual else mixed)  # (T, B, D)
         v = self.ffn(s)  # (T, B, D)

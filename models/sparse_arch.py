@@ -44,6 +44,7 @@ import math
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
@@ -144,33 +145,32 @@ def feature_poolings(schema: Schema, keys: list[str]) -> dict[str, str]:
 @torch.fx.wrap  # one node for TorchRec's pipeline tracer: the key bookkeeping is not traceable
 def mean_pool(pooled: KeyedTensor, features: KeyedJaggedTensor, mean_keys: tuple[str, ...]) -> KeyedTensor:
     """Summed bags -> means for the features in `mean_keys` (an empty bag stays 0)."""
-    keys, batch = features.keys(), features.stride()
-    lengths = features.lengths().view(len(keys), batch).clamp_min(1)  # (F, B), KJT key order
-    table = torch.cat([lengths, lengths.new_ones(1, batch)])  # (F + 1, B); the last row divides sums by 1
-    dims = pooled.length_per_key()
-    index, repeats = _mean_pool_indices(
-        tuple(keys), tuple(pooled.keys()), mean_keys, tuple(dims), table.device
-    )
-    divisor = table[index].T  # (B, K), KeyedTensor key order
-    divisor = divisor.repeat_interleave(repeats, dim=1, output_size=sum(dims))  # (B, sum of dims)
-    values = pooled.values()  # (B, sum of dims)
-    return KeyedTensor(keys=pooled.keys(), length_per_key=dims, values=values / divisor.to(values.dtype))
+    with record_function("## mean_pool ##"):  # a part of pipeline/profiler.py's step breakdown
+        keys, batch = features.keys(), features.stride()
+        values = pooled.values()  # (B, sum of dims)
+        lengths = features.lengths().view(len(keys), batch).clamp_min(1)  # (F, B), KJT key order
+        table = torch.cat([lengths, lengths.new_ones(1, batch)])  # (F + 1, B); the last row divides by 1
+        dims = pooled.length_per_key()
+        rows = _mean_pool_rows(tuple(keys), tuple(pooled.keys()), mean_keys, tuple(dims), table.device)
+        # (B, sum of dims), each column's divisor: one gather of the small table, read transposed by the div
+        divisor = table.to(values.dtype).index_select(0, rows).T
+        return KeyedTensor(keys=pooled.keys(), length_per_key=dims, values=values / divisor)
 
 
 @functools.cache
-def _mean_pool_indices(
+def _mean_pool_rows(
     keys: tuple[str, ...],
     pooled_keys: tuple[str, ...],
     mean_keys: tuple[str, ...],
     dims: tuple[int, ...],
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the lengths row dividing each pooled key, each key's width) as tensors on `device`, made once per
+) -> torch.Tensor:
+    """The lengths row dividing each pooled column (sum of dims,), as a tensor on `device`, made once per
     key order: a tensor built from a Python list every forward is a blocking host-to-device copy on a GPU.
     Key orders are fixed once the model is sharded, so the cache holds one entry per collection."""
     row = {k: i for i, k in enumerate(keys)}
     index = [row[k] if k in mean_keys else len(keys) for k in pooled_keys]
-    return torch.tensor(index, device=device), torch.tensor(dims, device=device)
+    return torch.tensor([i for i, d in zip(index, dims) for _ in range(d)], device=device)
 
 
 @torch.fx.wrap  # one node for TorchRec's pipeline tracer: key lists are not traceable

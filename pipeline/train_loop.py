@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
+from torch.profiler import record_function
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
@@ -235,13 +236,14 @@ def _train(
             pos.step += 1
             pos.step_in_epoch += 1
             bar.update(1)
-            meter.update(torch.cat([out.task_losses, out.aux_loss.reshape(1)]), out.task_sums)
-            if pos.step % cfg.trainer.log_every == 0 or pos.step == total_steps:
-                record = train_record(meter, tasks, cfg.data.batch_size, info.world_size, pos.epoch)
-                record.update(arch.stats())
-                runlog.log("train", pos.step, record)
-                if info.is_main:
-                    log_train(record, arch.stats_summary(record), tasks, pos.step, total_steps, info)
+            with record_function("## meter ##"):
+                meter.update(torch.cat([out.task_losses, out.aux_loss.reshape(1)]), out.task_sums)
+                if pos.step % cfg.trainer.log_every == 0 or pos.step == total_steps:
+                    record = train_record(meter, tasks, cfg.data.batch_size, info.world_size, pos.epoch)
+                    record.update(arch.stats())
+                    runlog.log("train", pos.step, record)
+                    if info.is_main:
+                        log_train(record, arch.stats_summary(record), tasks, pos.step, total_steps, info)
             if cfg.trainer.eval_every > 0 and pos.step % cfg.trainer.eval_every == 0:
                 validate()
             if cfg.trainer.checkpoint_every > 0 and pos.step % cfg.trainer.checkpoint_every == 0:
