@@ -152,8 +152,9 @@ def mean_pool(pooled: KeyedTensor, features: KeyedJaggedTensor, mean_keys: tuple
         table = torch.cat([lengths, lengths.new_ones(1, batch)])  # (F + 1, B); the last row divides by 1
         dims = pooled.length_per_key()
         rows = _mean_pool_rows(tuple(keys), tuple(pooled.keys()), mean_keys, tuple(dims), table.device)
-        # (B, sum of dims), each column's divisor: one gather of the small table, read transposed by the div
-        divisor = table.to(values.dtype).index_select(0, rows).T
+        # (B, sum of dims), each column's divisor: one gather from the small table, contiguous (a strided
+        # divisor would slow the division and its backward)
+        divisor = table.to(values.dtype).T.index_select(1, rows)
         return KeyedTensor(keys=pooled.keys(), length_per_key=dims, values=values / divisor)
 
 
