@@ -17,12 +17,17 @@ if [ ! -d "$B" ]; then
   ln -s "$PWD/datasets" "$B/datasets"
 fi
 export OMP_NUM_THREADS=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# The venv installs this checkout in editable mode: without PYTHONPATH the before tree would import our code.
+BEFORE_ENV="env PYTHONPATH=$B"
 json() { grep '^{' || true; }
 
 # 1. Loader throughput: one pass over the built-in train split (1.5M rows), one decoding core per process.
 for bs in 4096 512; do
-  test -s "$OUT/loader_before_$bs.jsonl" || (cd "$B" && $PY launch/bench.py loader --root datasets/synthetic \
-      --batch-size $bs 2>/dev/null | json > "$OUT/loader_before_$bs.jsonl")
+  # before: the reader's default window (65536 rows; its bench had no option), so after runs it too
+  test -s "$OUT/loader_before_$bs.jsonl" || (cd "$B" && $BEFORE_ENV $PY launch/bench.py loader \
+      --root datasets/synthetic --batch-size $bs 2>/dev/null | json > "$OUT/loader_before_$bs.jsonl")
+  test -s "$OUT/loader_after65536_$bs.jsonl" || $PY launch/bench.py loader --root datasets/synthetic \
+      --batch-size $bs --shuffle-buffer 65536 --workers 0,1 2>/dev/null | json > "$OUT/loader_after65536_$bs.jsonl"
   test -s "$OUT/loader_after_$bs.jsonl" || $PY launch/bench.py loader --root datasets/synthetic \
       --batch-size $bs --workers 0,1,2 2>/dev/null | json > "$OUT/loader_after_$bs.jsonl"
 done
@@ -42,14 +47,16 @@ test -s "$OUT/eval_scaling.json" || $PY launch/bench.py eval --rows 10000000 --w
 # 4. make train (its exact command: 2 ranks, the built-in data and recipe), before and after.
 for v in before after; do
   dir=$PWD; [ $v = before ] && dir=$B
-  test -s "$OUT/train_$v/metrics.json" || (cd "$dir" && $TORCHRUN --nproc_per_node 2 launch/train.py \
+  env=""; [ $v = before ] && env=$BEFORE_ENV
+  test -s "$OUT/train_$v/metrics.json" || (cd "$dir" && $env $TORCHRUN --nproc_per_node 2 launch/train.py \
       trainer.run_dir="$OUT/train_$v" trainer.progress_bar=false > "$OUT/train_$v.log" 2>&1)
 done
 # 5. A real run's evaluation by both codes: the before run's checkpoint on the test split, 2 ranks, gathered
 #    (before) vs sharded (after) metrics, compared key by key.
 for v in before after; do
   dir=$PWD; [ $v = before ] && dir=$B
-  test -s "$OUT/eval_$v/metrics.json" || (cd "$dir" && $TORCHRUN --nproc_per_node 2 launch/eval.py \
+  env=""; [ $v = before ] && env=$BEFORE_ENV
+  test -s "$OUT/eval_$v/metrics.json" || (cd "$dir" && $env $TORCHRUN --nproc_per_node 2 launch/eval.py \
       checkpoint="$OUT/train_before" output="$OUT/eval_$v" > "$OUT/eval_$v.log" 2>&1)
 done
 $PY reports/throughput/table.py "$OUT"
