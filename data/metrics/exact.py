@@ -29,7 +29,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data.metrics.auc import binary_auc, per_user_auc, uauc_from_sums, user_auc, user_auc_sums, weighted_auc
-from data.metrics.distributed import all_reduce_sum, route_by_user, shard_device, sharded_auc
+from data.metrics.distributed import (
+    all_gather_stack,
+    all_reduce_sum,
+    route_by_user,
+    shard_device,
+    sharded_auc,
+)
 from data.metrics.distributed import world_size as distributed_world_size
 
 _NAN = float("nan")
@@ -40,29 +46,12 @@ _NAN = float("nan")
 # --------------------------------------------------------------------------------------------------
 
 
-def _collective_device() -> torch.device:
-    """Device the default backend can communicate from: a pure NCCL group needs CUDA tensors; gloo, and the
-    pipeline's CUDA jobs' `cpu:gloo,cuda:nccl` group (pipeline/dist.py), take CPU ones."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _gather_row_counts(n_rows: int, world_size: int) -> list[int]:
-    """Number of rows held by each rank, in rank order."""
-    device = _collective_device()
-    local = torch.tensor([n_rows], dtype=torch.long, device=device)
-    counts = [torch.zeros_like(local) for _ in range(world_size)]
-    dist.all_gather(counts, local)
-    return [int(c.item()) for c in counts]
-
-
 def _all_gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Concatenate every rank's rows (rank order) on every rank; ranks may hold different row counts.
 
     all_gather needs equal shapes, so each rank pads to the largest count and the padding is trimmed.
     """
-    device = _collective_device()
+    device = shard_device(local.device)
     padded = local.new_zeros((max(counts), *local.shape[1:]), device=device)
     padded[: local.shape[0]] = local.to(device)
     buffers = [torch.empty_like(padded) for _ in counts]
@@ -279,7 +268,8 @@ class ExactAUCEvaluator:
         world_size = distributed_world_size()
         if world_size == 1:
             return logits, labels, user_ids, weights
-        counts = _gather_row_counts(logits.shape[0], world_size)
+        device = shard_device(logits.device)
+        counts = all_gather_stack(torch.tensor(logits.shape[0], device=device)).tolist()  # rows per rank
         # One collective for logits, labels and weights together (float32; 0/1 labels are exact).
         dense = _all_gather_rows(torch.cat([logits, labels, weights.unsqueeze(1)], dim=1), counts)
         n = len(self.task_names)
