@@ -174,6 +174,18 @@ def test_epoch_changes_the_order_and_the_same_epoch_repeats_it(small_dataset, ro
     assert sorted(order(0)) != order(0)
 
 
+def _rank1_epoch2_reader(dataset: Path, schema: Schema, **options) -> ParquetReader:
+    """Rank 1 of 2, epoch 2 of a seeded reader with windows of 5 batches of 200 rows, each window across
+    row groups of ~625 rows; `options` add or replace ParquetReader arguments."""
+    r = ParquetReader(
+        _train(dataset),
+        schema,
+        **{"batch_size": 200, "rank": 1, "world_size": 2, "shuffle_buffer": 1000, "seed": 7, **options},
+    )
+    r.set_epoch(2)
+    return r
+
+
 @pytest.mark.parametrize(
     ("policy", "stop_at", "negative_rate"),
     [("drop_last", 1, 1.0), ("drop_last", 13, 1.0), ("pad", 9, 1.0), ("pad", 0, 1.0), ("drop_last", 5, 0.3)],
@@ -182,19 +194,7 @@ def test_resume_from_state_dict_reproduces_the_remaining_batches(
     small_dataset, row_id_schema, policy, stop_at, negative_rate
 ):
     def reader() -> ParquetReader:
-        r = ParquetReader(
-            _train(small_dataset),
-            row_id_schema,
-            batch_size=200,
-            rank=1,
-            world_size=2,
-            shuffle_buffer=1000,
-            seed=7,
-            policy=policy,
-            negative_rate=negative_rate,
-        )
-        r.set_epoch(2)
-        return r
+        return _rank1_epoch2_reader(small_dataset, row_id_schema, policy=policy, negative_rate=negative_rate)
 
     full = _all(reader())
     first = reader()
@@ -296,21 +296,14 @@ def test_worker_processes_yield_the_threads_batches_and_resume_inside_a_window(
     small_dataset, row_id_schema, workers, policy, negative_rate, sequence
 ):
     def reader(n: int) -> ParquetReader:
-        r = ParquetReader(
-            _train(small_dataset),
+        return _rank1_epoch2_reader(
+            small_dataset,
             row_id_schema,
-            batch_size=200,
-            rank=1,
-            world_size=2,
-            shuffle_buffer=1000,  # windows of 5 batches, each across row groups of ~625 rows
-            seed=7,
             policy=policy,
             negative_rate=negative_rate,
             split_keys=input_keys(row_id_schema, sequence),
             workers=n,
         )
-        r.set_epoch(2)
-        return r
 
     full = _all(reader(0))
     streamed = _all(reader(workers))
