@@ -275,7 +275,7 @@ class ParquetReader:
         for pair, lo, hi in self._stream_plan(epoch, start_row):
             yield self._read(pair, handles).slice(max(start_row - lo, 0), hi - lo)
 
-    def _window_sizes(self, start_batch: int) -> range:
+    def _windows(self, start_batch: int) -> range:
         """The windows this epoch's stream from batch `start_batch` on is cut into (window w holds the
         stream rows [w * W, w * W + size(w)))."""
         return range(start_batch * self.batch_size // self.window, -(-self._stream_rows // self.window))
@@ -321,7 +321,7 @@ class ParquetReader:
     def _batches(self, epoch: int, start_batch: int) -> Iterator[BatchArrays]:
         """This epoch's batches from `start_batch` on, decoded in this process (workers=0)."""
         W = self.window
-        windows = self._window_sizes(start_batch)
+        windows = self._windows(start_batch)
         pending: list[Chunk] = []
         have = 0
         chunks = self._chunks(epoch, windows.start * W)

@@ -38,7 +38,7 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -114,15 +114,16 @@ class RowGroupStore:
         mapped: only the rows asked for are read, into the allocator's (reused) memory, where a mapping
         page-faults in every page it touches (several times the copy, reports/throughput.md)."""
         path, error = self._file(q), self._file(q, "err")
-        delay = 1e-4
-        while not os.path.exists(path):
+
+        def published() -> bool:
             if os.path.exists(error):
                 with open(error) as f:
                     raise DataError(f.read())
             if not os.path.isdir(self.path):  # the iteration ended: the owner will never publish it
                 raise StoreClosed(self.path)
-            time.sleep(delay)
-            delay = min(delay * 2, 1e-3)
+            return os.path.exists(path)
+
+        _poll(published)
         fd = os.open(path, os.O_RDONLY)
         try:
             (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
@@ -160,6 +161,16 @@ class RowGroupStore:
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _poll(ready: Callable[[], Any]) -> Any:
+    """`ready()`'s first value that is not None or False, calling it with a growing sleep (0.1 to 1 ms)
+    between calls: what another process publishes through shared memory comes without a notification."""
+    delay = 1e-4
+    while (value := ready()) is None or value is False:
+        time.sleep(delay)
+        delay = min(delay * 2, 1e-3)
+    return value
 
 
 def _remove_stale(root: str) -> None:
@@ -224,11 +235,7 @@ class SlotPool:
 
     def acquire(self, sizes: list[int]) -> tuple[int, list[torch.Tensor]]:
         """A free slot, waiting for the training process to free one, with buffers of exactly `sizes`."""
-        delay = 1e-4
-        while not (free := [s for s in self.slots if int(self.busy[s]) == 0]):
-            time.sleep(delay)
-            delay = min(delay * 2, 1e-3)
-        slot = free[0]
+        slot = _poll(lambda: next((s for s in self.slots if int(self.busy[s]) == 0), None))
         have = self.buffers.get(slot)
         if have is None or any(len(t) < n for t, n in zip(have, sizes)):
             self.buffers[slot] = [_shared_empty(n + n // 4, d) for n, d in zip(sizes, _DTYPES)]
@@ -367,7 +374,7 @@ def _worker_windows(
     workers: int,
 ) -> Iterator[WindowItem]:
     W = reader.window
-    windows = reader._window_sizes(start_batch)
+    windows = reader._windows(start_batch)
     plan = reader._stream_plan(epoch, windows.start * W)  # [(row group, stream lo, stream hi)]
     ends = [hi for _, _, hi in plan]
     keys = reader.schema.sparse_keys
@@ -430,7 +437,7 @@ def worker_batches(reader: ParquetReader, epoch: int, start_batch: int) -> Itera
     """The reader's batches of `epoch` from `start_batch` on, decoded and assembled by its workers."""
     store = RowGroupStore.create()
     W = reader.window
-    plan_ends = [hi for _, _, hi in reader._stream_plan(epoch, reader._window_sizes(start_batch).start * W)]
+    plan_ends = [hi for _, _, hi in reader._stream_plan(epoch, reader._windows(start_batch).start * W)]
     busy = torch.zeros(reader.workers * SLOTS, dtype=torch.int32).share_memory_()
     loader = DataLoader(
         _WindowStream(reader, epoch, start_batch, store.path, busy),
